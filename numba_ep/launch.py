@@ -1,0 +1,383 @@
+"""Compile each kernel specialisation once, keep its cubin on disk, launch it through cuda.core.
+
+Why not numba's dispatcher: it costs 12-150 µs per launch (CuPy arrays are the worst), and its
+``cache=True`` refuses kernels that link NVSHMEM device code. A low-latency dispatch must finish in
+about 30 µs, so every hot kernel here goes through this module instead:
+
+    kernel factory(**constants) --numba--> LLVM --NVVM/nvJitLink--> cubin  (once; ~1-9 s)
+          |                                                            |
+          |         ~/.cache/numba_ep/<sha256>.cubin + .json  <--------+  (keyed by kernel sources,
+          |                                                               constants, signature,
+          v                                                               compute capability and
+    cuda.core ObjectCode.from_cubin -> Kernel -> cuda.core.launch(...)    package versions)
+                                                      (~5 µs; also inside CUDA-graph capture)
+
+Kernel conventions that make this cheap (DESIGN.md decision 3): a kernel's parameters are scalars
+only (``uint64`` addresses, ``int32``/``int64`` sizes, ``float32``). Addresses become typed pointers
+inside the kernel (``numba_ep.kernels.ptx.ptr_f32(addr)``), so the numba ABI of a kernel is exactly
+its C signature and a launch is a list of NumPy scalars. Compile-time constants (rank count, hidden
+size, top-k, dtype...) are closure variables of a *factory* function, which numba freezes into the
+code: ``get_kernel(make_layout_kernel, SIG, num_ranks=8, ...)`` gives a specialised kernel.
+
+Under the numba CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) ``get_kernel`` returns a
+``SimulatorKernel`` that runs the same Python function through the simulator; addresses there are
+host addresses of NumPy arrays (``arr.ctypes.data``), which the ptx fallbacks dereference.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import numba_ep  # noqa: F401  (NumPy shim before numba.cuda)
+from numba import config as _numba_config
+from numba import types as nbtypes
+
+SIMULATOR = bool(_numba_config.ENABLE_CUDASIM)
+
+_PKG_DIR = Path(__file__).resolve().parent
+
+# NumPy scalar constructor for each numba scalar type a kernel may take.
+_NP_SCALAR = {
+    nbtypes.uint64: np.uint64, nbtypes.int64: np.int64,
+    nbtypes.uint32: np.uint32, nbtypes.int32: np.int32,
+    nbtypes.uint16: np.uint16, nbtypes.int16: np.int16,
+    nbtypes.uint8: np.uint8, nbtypes.int8: np.int8,
+    nbtypes.float32: np.float32, nbtypes.float64: np.float64,
+    nbtypes.boolean: np.bool_,
+}
+
+
+def cache_dir() -> Path:
+    """Directory of compiled cubins: ``$NUMBA_EP_CACHE_DIR`` or ``~/.cache/numba_ep``."""
+    d = os.environ.get("NUMBA_EP_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "numba_ep")
+    return Path(d)
+
+
+_source_digest_value = None
+
+
+def _source_digest() -> str:
+    """Digest of every source file a kernel can depend on: all kernel modules plus this one.
+
+    Coarse on purpose: editing any kernel file invalidates every cached cubin, which costs a few
+    seconds of recompilation and can never serve a stale kernel.
+    """
+    global _source_digest_value
+    if _source_digest_value is None:
+        h = hashlib.sha256()
+        files = sorted((_PKG_DIR / "kernels").glob("*.py")) + [Path(__file__).resolve()]
+        for f in files:
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+        _source_digest_value = h.hexdigest()
+    return _source_digest_value
+
+
+def _versions(nvshmem: bool) -> str:
+    import numba
+    import numba_ep
+    from importlib.metadata import version
+
+    parts = [f"numba={numba.__version__}", f"numba-cuda={version('numba-cuda')}",
+             f"numba_ep={numba_ep.__version__}"]
+    if nvshmem:
+        parts.append(f"nvshmem4py={version('nvshmem4py-cu13')}")
+        parts.append(f"nvshmem={version('nvidia-nvshmem-cu13')}")
+    return ";".join(parts)
+
+
+def parse_signature(sig) -> tuple:
+    """Argument types of a kernel signature (``"void(uint64, int32)"`` or a tuple of numba types).
+
+    Only scalar argument types are accepted: the fast launch path passes NumPy scalars.
+    """
+    from numba.cuda.core import sigutils
+
+    args, ret = sigutils.normalize_signature(sig)
+    if ret not in (None, nbtypes.void):
+        raise TypeError(f"sig: a kernel returns void, got {ret}")
+    for i, a in enumerate(args):
+        if a not in _NP_SCALAR:
+            raise TypeError(f"sig: argument {i} has type {a}; kernels launched through "
+                            "numba_ep.launch take scalars only (pass addresses as uint64)")
+    return tuple(args)
+
+
+@dataclass(frozen=True)
+class KernelKey:
+    """Everything that identifies one compiled specialisation."""
+    factory: str                 # module:qualname of the factory
+    constants: tuple             # sorted (name, value) pairs handed to the factory
+    argtypes: tuple              # numba scalar types
+    options: tuple               # sorted compile options (lineinfo, max_registers, ...)
+    cc: tuple
+
+    def digest(self, nvshmem: bool) -> str:
+        text = json.dumps([self.factory, repr(self.constants), [str(a) for a in self.argtypes],
+                           repr(self.options), list(self.cc), _source_digest(), _versions(nvshmem)])
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def compile_cubin(pyfunc, argtypes, cc=(9, 0), *, lineinfo=False, max_registers=None,
+                  launch_bounds=None, fastmath=False):
+    """Compile a kernel function to a cubin without touching a GPU.
+
+    Mirrors what numba's dispatcher does for a kernel (kernel fix-up, launch bounds, cudadevrt
+    for grid sync, LTO so NVSHMEM's device shims link in), then links with nvJitLink.
+
+    Returns ``(cubin: bytes, meta: dict)`` where meta holds ``entry_name``, ``cooperative`` and
+    ``nvshmem`` (whether the module needs ``nvshmem.core.library_init`` after loading).
+    """
+    from numba.cuda.compiler import compile_cuda, kernel_fixup
+    from numba.cuda.cudadrv import nvvm
+    from numba.cuda.core.compiler_lock import global_compiler_lock
+
+    with global_compiler_lock:
+        nvvm_options = {"fastmath": fastmath, "opt": 3}
+        cres = compile_cuda(pyfunc, nbtypes.void, argtypes, debug=False, lineinfo=lineinfo,
+                            fastmath=fastmath, nvvm_options=nvvm_options, cc=cc,
+                            max_registers=max_registers, lto=True)
+        lib = cres.library
+        fn = lib.get_function(cres.fndesc.llvm_func_name)
+        lib._entry_name = cres.fndesc.llvm_func_name
+        kernel_fixup(fn, False)
+        nvvm.set_launch_bounds(fn, launch_bounds)
+        cooperative = bool(lib.use_cooperative)
+        if cooperative:
+            lib.needs_cudadevrt = True
+        obj = lib.get_cubin(cc=cc)
+        cubin = obj.code if hasattr(obj, "code") else bytes(obj)
+        meta = {
+            "entry_name": lib._entry_name,
+            "cooperative": cooperative,
+            "nvshmem": bool(lib._setup_functions),
+        }
+    return bytes(cubin), meta
+
+
+def _factory_name(factory) -> str:
+    return f"{factory.__module__}:{factory.__qualname__}"
+
+
+def _current_cc() -> tuple:
+    from cuda.core import Device
+
+    return tuple(Device().compute_capability)
+
+
+class CompiledKernel:
+    """A loaded kernel specialisation with a fast launch path.
+
+    ``kernel.launch(grid, block, *args, stream=..., shmem=0)`` converts each argument to the NumPy
+    scalar of its declared type and calls ``cuda.core.launch``. ``stream`` may be ``None`` (CuPy's
+    current stream), an ``int`` handle, a CuPy / torch / cuda.core stream, or a cuda.core
+    ``GraphBuilder`` (graph capture).
+    """
+
+    def __init__(self, cubin: bytes, meta: dict, argtypes: tuple, name: str = ""):
+        from cuda.core import ObjectCode
+
+        self.name = name
+        self.meta = meta
+        self.argtypes = argtypes
+        self._conv = tuple(_NP_SCALAR[a] for a in argtypes)
+        self.object_code = ObjectCode.from_cubin(cubin, name=name)
+        self.kernel = self.object_code.get_kernel(meta["entry_name"])
+        if meta.get("nvshmem"):
+            import nvshmem.core as nv
+
+            # Same as the setup callback numba would run on module load: bind NVSHMEM's device
+            # state to this module. nvshmem.core.init() must have run in this process first.
+            nv.library_init(nv.NvshmemKernelObject.from_obj(self.object_code))
+        self._configs = {}
+        self._max_dyn_shmem = 48 * 1024
+
+    @property
+    def cooperative(self) -> bool:
+        return bool(self.meta.get("cooperative"))
+
+    def _config(self, grid, block, shmem, cooperative):
+        key = (grid, block, shmem, cooperative)
+        cfg = self._configs.get(key)
+        if cfg is None:
+            from cuda.core import LaunchConfig
+
+            if shmem > self._max_dyn_shmem:
+                self._raise_dynamic_shared_limit(shmem)
+            cfg = LaunchConfig(grid=grid, block=block, shmem_size=shmem,
+                               is_cooperative=cooperative)
+            self._configs[key] = cfg
+        return cfg
+
+    def _raise_dynamic_shared_limit(self, nbytes):
+        from cuda.bindings import driver
+        from cuda.core import Device
+
+        dev = Device()
+        attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        err, = driver.cuKernelSetAttribute(attr, int(nbytes), self.kernel.handle, dev.device_id)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            raise RuntimeError(f"{self.name}: cannot allow {nbytes} B of dynamic shared memory: {err}")
+        self._max_dyn_shmem = nbytes
+
+    def launch(self, grid, block, *args, stream=None, shmem=0, cooperative=None):
+        """Launch with scalar arguments (in the order of the kernel signature)."""
+        if len(args) != len(self._conv):
+            raise TypeError(f"{self.name}: expected {len(self._conv)} arguments, got {len(args)}")
+        from cuda.core import launch
+
+        coop = self.cooperative if cooperative is None else cooperative
+        cfg = self._config(grid, block, shmem, coop)
+        launch(as_stream(stream), cfg, self.kernel, *[c(a) for c, a in zip(self._conv, args)])
+
+    __call__ = launch
+
+
+class SimulatorKernel:
+    """The same kernel run by numba's CUDA simulator (CPU only, for small problems)."""
+
+    def __init__(self, pyfunc, argtypes, name=""):
+        from numba import cuda
+
+        self.name = name
+        self.argtypes = argtypes
+        self._conv = tuple(_NP_SCALAR[a] for a in argtypes)
+        self._jitted = cuda.jit(pyfunc)
+
+    def launch(self, grid, block, *args, stream=None, shmem=0, cooperative=None):
+        if len(args) != len(self._conv):
+            raise TypeError(f"{self.name}: expected {len(self._conv)} arguments, got {len(args)}")
+        self._jitted[grid, block, 0, shmem](*[c(a) for c, a in zip(self._conv, args)])
+
+    __call__ = launch
+
+
+_memo = {}
+_memo_lock = threading.Lock()
+
+
+def get_kernel(factory, sig, *, lineinfo=False, max_registers=None, launch_bounds=None,
+               fastmath=False, cc=None, **constants):
+    """Return the kernel ``factory(**constants)`` compiled for ``sig``, loaded and ready to launch.
+
+    Args:
+        factory: a function taking the compile-time constants as keyword arguments and returning
+            the (un-jitted) kernel function. It must be defined at module level in numba_ep.
+        sig: kernel signature with scalar arguments only, e.g. ``"void(uint64, uint64, int32)"``.
+        constants: compile-time constants; ints, floats, bools, strings or tuples of those.
+        cc: compute capability; defaults to the current device's.
+
+    The first call for a key compiles (or loads the cubin from ``cache_dir()``); later calls in
+    the process return the memoised ``CompiledKernel``.
+    """
+    argtypes = parse_signature(sig)
+    name = getattr(factory, "__name__", "kernel").removeprefix("make_")
+    if SIMULATOR:
+        key = ("sim", _factory_name(factory), tuple(sorted(constants.items())), argtypes)
+        with _memo_lock:
+            k = _memo.get(key)
+            if k is None:
+                k = _memo[key] = SimulatorKernel(factory(**constants), argtypes, name)
+        return k
+    cc = tuple(cc) if cc is not None else _current_cc()
+    options = tuple(sorted(dict(lineinfo=lineinfo, max_registers=max_registers,
+                                launch_bounds=launch_bounds, fastmath=fastmath).items()))
+    key = KernelKey(_factory_name(factory), tuple(sorted(constants.items())), argtypes, options, cc)
+    with _memo_lock:
+        k = _memo.get(key)
+        if k is not None:
+            return k
+        cubin, meta = load_or_compile(factory, key, constants, lineinfo=lineinfo,
+                                      max_registers=max_registers, launch_bounds=launch_bounds,
+                                      fastmath=fastmath)
+        k = _memo[key] = CompiledKernel(cubin, meta, argtypes, name)
+        return k
+
+
+def load_or_compile(factory, key: KernelKey, constants: dict, **options):
+    """The cubin and metadata for ``key``: from the disk cache, or compiled and then cached."""
+    d = cache_dir()
+    # The digest must know whether NVSHMEM versions matter, which only compiling reveals; the
+    # cache stores NVSHMEM kernels under a second digest that includes them and points to it.
+    plain = key.digest(nvshmem=False)
+    meta_path = d / f"{plain}.json"
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+            digest = key.digest(nvshmem=True) if meta.get("nvshmem") else plain
+            cubin_path = d / f"{digest}.cubin"
+            if meta.get("digest") == digest and cubin_path.exists():
+                return cubin_path.read_bytes(), meta
+        except (OSError, ValueError):
+            pass  # a corrupt or partial entry: recompile and overwrite it
+    cubin, meta = compile_cubin(factory(**constants), key.argtypes, key.cc, **options)
+    digest = key.digest(nvshmem=True) if meta["nvshmem"] else plain
+    meta["digest"] = digest
+    meta["factory"] = key.factory
+    meta["constants"] = repr(key.constants)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        # Write to temporaries then rename: several ranks may compile the same kernel at once.
+        tmp = d / f".{digest}.{os.getpid()}.tmp"
+        tmp.write_bytes(cubin)
+        os.replace(tmp, d / f"{digest}.cubin")
+        tmp = d / f".{plain}.{os.getpid()}.json.tmp"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, meta_path)
+    except OSError:
+        pass  # a read-only cache directory only costs recompilation next time
+    return cubin, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams
+# ---------------------------------------------------------------------------------------------
+
+_stream_wrappers = {}
+
+
+def stream_handle(stream) -> int:
+    """The raw ``cudaStream_t`` of ``stream`` as an int (0 = legacy default stream).
+
+    Accepts None (CuPy's current stream), an int, or an object with ``.ptr`` (CuPy),
+    ``.cuda_stream`` (torch) or ``.handle`` (cuda.core).
+    """
+    if stream is None:
+        import cupy
+
+        return int(cupy.cuda.get_current_stream().ptr)
+    if isinstance(stream, (int, np.integer)):
+        return int(stream)
+    for attr in ("ptr", "cuda_stream"):
+        if hasattr(stream, attr):
+            return int(getattr(stream, attr))
+    if hasattr(stream, "handle"):
+        return int(stream.handle)
+    if hasattr(stream, "__cuda_stream__"):
+        return int(stream.__cuda_stream__()[1])
+    raise TypeError(f"stream: expected None, an int handle or a CuPy/torch/cuda.core stream, "
+                    f"got {type(stream).__name__}")
+
+
+def as_stream(stream):
+    """A cuda.core stream (or GraphBuilder) for ``cuda.core.launch``; wrappers are cached."""
+    try:
+        from cuda.core.graph import GraphBuilder
+    except ImportError:  # pragma: no cover - older cuda.core
+        GraphBuilder = ()
+    from cuda.core import Stream
+
+    if isinstance(stream, (Stream, GraphBuilder)):
+        return stream
+    h = stream_handle(stream)
+    s = _stream_wrappers.get(h)
+    if s is None:
+        s = _stream_wrappers[h] = Stream.from_handle(h)
+    return s
