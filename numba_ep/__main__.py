@@ -1,0 +1,71 @@
+"""python -m numba_ep demo | bench NAME | selftest
+
+- ``demo``: shows the library working. Without a GPU it runs the layout kernel in numba's CUDA
+  simulator and a reference dispatch -> combine round trip; with GPUs it runs the real kernels on
+  every local GPU (``--ranks N`` to choose; ``--mpi`` under mpirun).
+- ``bench launch|layout``: GPU benchmarks; prints a table and writes JSON (``--json PATH``).
+- ``selftest``: the GPU test-suite (``pytest -m "gpu or multigpu"``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def gpu_count() -> int:
+    """CUDA devices visible, without importing numba (which must not see the simulator flag late)."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return 0
+    try:
+        from cuda.bindings import driver
+
+        (err,) = driver.cuInit(0)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            return 0
+        err, n = driver.cuDeviceGetCount()
+        return int(n) if err == driver.CUresult.CUDA_SUCCESS else 0
+    except Exception:
+        return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m numba_ep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="run what the library has, on GPUs or (without) on the CPU")
+    d.add_argument("--ranks", type=int, default=None, help="GPUs to use (default: all local)")
+    d.add_argument("--mpi", action="store_true", help="one rank per MPI process (under mpirun)")
+    d.add_argument("--cpu", action="store_true", help="force the CPU path (simulator + reference)")
+    b = sub.add_parser("bench", help="GPU benchmarks")
+    b.add_argument("name", choices=["launch", "layout"])
+    b.add_argument("--json", default=None, help="write results to this JSON file")
+    b.add_argument("--ranks", type=int, default=None)
+    sub.add_parser("selftest", help="run the GPU tests with pytest")
+    args = p.parse_args(argv)
+
+    if args.cmd == "demo":
+        from numba_ep import demo
+
+        if args.cpu or (not args.mpi and gpu_count() == 0):
+            os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before anything imports numba
+            return demo.cpu_demo()
+        return demo.gpu_demo(args.ranks, use_mpi=args.mpi)
+    if args.cmd == "bench":
+        if gpu_count() == 0:
+            print("bench: no CUDA GPU visible; benchmarks need one", file=sys.stderr)
+            return 2
+        from numba_ep import bench
+
+        return bench.main(args.name, json_path=args.json, ranks=args.ranks)
+    if args.cmd == "selftest":
+        import subprocess
+
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.call([sys.executable, "-m", "pytest", "-m", "gpu or multigpu", "-q",
+                                os.path.join(here, "tests")])
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
