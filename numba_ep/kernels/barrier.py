@@ -16,44 +16,54 @@ that is already one barrier ahead does not confuse anybody.
 
 Who waits on whom: every rank waits on every other rank; nothing else. A rank that never arrives
 makes the others record a timeout naming it (numba_ep.kernels.waits) and return.
-Before arriving, a system-scope fence publishes this rank's earlier writes to the peers.
+Before arriving, a system-scope fence publishes this rank's earlier writes to the peers; after
+leaving, another fence orders this rank's later reads after the peers' earlier writes.
+
+``barrier_block`` is the device function other kernels call (every thread of the block must call
+it); ``barrier`` launches it alone.
 """
 from __future__ import annotations
 
-from numba import cuda, int32, int64, uint64
+from numba import cuda, int64, uint64
 
 from numba_ep.kernels import ptx
 from numba_ep.kernels.waits import KERNEL_IDS, record_timeout, timed_out
 
 BARRIER_SIG = "void(uint64, int32, int64, uint64)"
 MAX_RANKS = 32  # one warp: thread i serves peer i
-_BARRIER = KERNEL_IDS["barrier"]
+
+
+@cuda.jit(device=True)
+def barrier_block(signal_table_addr, rank, num_ranks, timeout_ns, err_addr, kernel_id):
+    """Block-wide barrier with every rank; called by all threads of the block."""
+    i = cuda.threadIdx.x
+    ptx.fence_acq_rel_sys()
+    cuda.syncthreads()
+    if i < num_ranks:
+        table = ptx.ptr_u64(signal_table_addr)
+        mine = table[rank] + uint64(4 * i)
+        ptx.atomic_add_sys_i32(mine, 1)
+        ptx.atomic_sub_sys_i32(table[i] + uint64(4 * rank), 1)
+        start = ptx.globaltimer()
+        seen = ptx.ld_volatile_i32(mine)
+        while seen > 0:
+            if timed_out(start, timeout_ns):
+                record_timeout(err_addr, kernel_id, rank, i, -1, 0, seen,
+                               int64(ptx.globaltimer() - start))
+                break
+            seen = ptx.ld_volatile_i32(mine)
+    ptx.fence_acq_rel_sys()
+    cuda.syncthreads()
 
 
 def make_barrier_kernel(num_ranks):
     """Barrier kernel for ``num_ranks`` ranks. Arguments: address of the device table of every
     rank's signal-region address (uint64 [R]), my rank, timeout in ns, error-record address."""
     R = num_ranks
+    kid = KERNEL_IDS["barrier"]
 
     def barrier_kernel(signal_table_addr, rank, timeout_ns, err_addr):
-        i = cuda.threadIdx.x
-        ptx.fence_acq_rel_sys()
-        cuda.syncthreads()
-        if i < R:
-            table = ptx.ptr_u64(signal_table_addr)
-            mine = table[rank] + uint64(4 * i)
-            ptx.atomic_add_sys_i32(mine, 1)
-            ptx.atomic_sub_sys_i32(table[i] + uint64(4 * rank), 1)
-            start = ptx.globaltimer()
-            seen = ptx.ld_volatile_i32(mine)
-            while seen > 0:
-                if timed_out(start, timeout_ns):
-                    record_timeout(err_addr, _BARRIER, rank, i, -1, 0, seen,
-                                   int64(ptx.globaltimer() - start))
-                    break
-                seen = ptx.ld_volatile_i32(mine)
-        ptx.fence_acq_rel_sys()
-        cuda.syncthreads()
+        barrier_block(signal_table_addr, rank, R, timeout_ns, err_addr, kid)
 
     return barrier_kernel
 

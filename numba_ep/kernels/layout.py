@@ -60,7 +60,7 @@ def make_layout_kernel(num_experts, num_ranks, num_topk, gpus_per_node):
         bid = cuda.blockIdx.x
         idx = ptx.ptr_i64(topk_addr)
         # [counter, thread]: consecutive threads touch consecutive words, so no bank conflicts.
-        partial = cuda.shared.array((2 * RANKS_PER_BLOCK, THREADS), int32)
+        partial = cuda.shared.array((COLS, THREADS), int32)
 
         if bid < NB_E:
             first = bid * EPB
