@@ -1,0 +1,130 @@
+"""numba_ep.memory on a CPU: layout, validation, and clear errors (never hangs) without a GPU.
+
+The GPU behaviour (IPC exchange, NVSHMEM symmetric buffers) is tested in tests/gpu/test_memory_gpu.py.
+"""
+import os
+
+import pytest
+
+import numba_ep  # noqa: F401  (NumPy shim first)
+from numba_ep import memory
+from numba_ep.errors import NumbaEPError
+from numba_ep.group import spawn
+from numba_ep.memory import (IpcBuffer, SymmetricBuffer, ipc_layout, nvshmem_environment,
+                             nvshmem_finalize, nvshmem_init)
+
+
+def _unset(monkeypatch, *names):
+    """Unset env vars so that monkeypatch restores their original state afterwards."""
+    for k in names:
+        monkeypatch.setenv(k, "placeholder")
+        monkeypatch.delenv(k)
+
+
+def _has_gpu():
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+no_gpu_only = pytest.mark.skipif(_has_gpu(), reason="checks the error raised when no GPU is usable")
+
+
+def _w_ipc_no_gpu(group):
+    try:
+        IpcBuffer(group, 1000)
+    except NumbaEPError as e:
+        return str(e)
+    return "no error"
+
+
+def _w_nvshmem_no_gpu(group):
+    try:
+        nvshmem_init(group)
+    except NumbaEPError as e:
+        return str(e)
+    return "no error"
+
+
+def test_ipc_layout():
+    lay = ipc_layout(1000)
+    assert lay == (1024, 4096, 8192)
+    assert (lay.nbytes, lay.signal_offset, lay.alloc_bytes) == (1024, 4096, 8192)
+    assert ipc_layout(0) == (0, 0, 4096)
+    assert ipc_layout(4096) == (4096, 4096, 8192)
+    assert ipc_layout(4097) == (4224, 8192, 12288)
+    for n in (1, 127, 128, 129, 5000, 1 << 30):
+        lay = ipc_layout(n)
+        assert lay.nbytes % 128 == 0 and lay.nbytes >= n
+        assert lay.signal_offset % 4096 == 0 and lay.signal_offset >= lay.nbytes
+        assert lay.alloc_bytes == lay.signal_offset + memory.SIGNAL_REGION_BYTES
+
+
+def test_ipc_buffer_validates_before_touching_cuda():
+    with pytest.raises(ValueError, match="nbytes must be >= 0"):
+        IpcBuffer(None, -1)
+    with pytest.raises(TypeError, match="nbytes must be an int"):
+        IpcBuffer(None, 1.5)
+    with pytest.raises(TypeError, match="nbytes must be an int"):
+        IpcBuffer(None, True)
+    with pytest.raises(TypeError, match="expected a numba_ep Group"):
+        IpcBuffer("world", 128)
+
+
+@no_gpu_only
+def test_ipc_buffer_without_gpu_single_rank():
+    with pytest.raises(NumbaEPError, match=r"(?s)IpcBuffer failed on rank\(s\) 0.*CUDA"):
+        IpcBuffer(None, 1024)
+
+
+@no_gpu_only
+def test_ipc_buffer_without_gpu_all_ranks_raise():
+    """Both ranks get the same error instead of one waiting for the other."""
+    res = spawn(_w_ipc_no_gpu, 2, group_timeout=20, timeout=60)
+    for msg in res:
+        assert "IpcBuffer failed on rank(s) 0, 1" in msg, msg
+
+
+def test_symmetric_buffer_needs_init():
+    with pytest.raises(NumbaEPError, match="nvshmem_init"):
+        SymmetricBuffer(1024)
+    with pytest.raises(ValueError):
+        SymmetricBuffer(-5)
+
+
+def test_nvshmem_finalize_without_init_is_noop():
+    assert memory.nvshmem_runtime() is None
+    assert nvshmem_finalize() is False
+
+
+@no_gpu_only
+def test_nvshmem_init_without_gpu(monkeypatch):
+    _unset(monkeypatch, "NVSHMEM_DISABLE_NVLS", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME")
+    with pytest.raises(NumbaEPError, match=r"nvshmem_init failed on rank\(s\) 0"):
+        nvshmem_init(None)
+    assert memory.nvshmem_runtime() is None
+    # the environment was prepared before the attempt
+    assert os.environ["NVSHMEM_DISABLE_NVLS"] == "1"
+    assert os.environ["NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME"] == "lo"
+
+
+@no_gpu_only
+def test_nvshmem_init_without_gpu_two_ranks():
+    res = spawn(_w_nvshmem_no_gpu, 2, group_timeout=20, timeout=60)
+    for msg in res:
+        assert "nvshmem_init failed on rank(s) 0, 1" in msg, msg
+
+
+def test_nvshmem_environment(monkeypatch):
+    _unset(monkeypatch, "NVSHMEM_DISABLE_NVLS", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME")
+    assert nvshmem_environment(all_local=False) == {"NVSHMEM_DISABLE_NVLS": "1"}
+    assert "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME" not in os.environ
+    monkeypatch.setenv("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "eth0")
+    monkeypatch.setenv("NVSHMEM_DISABLE_NVLS", "1")
+    assert nvshmem_environment(all_local=True) == {}
+    assert os.environ["NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME"] == "eth0"  # user's choice is kept
+    monkeypatch.delenv("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME")
+    assert nvshmem_environment(all_local=True) == {"NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo"}
