@@ -117,7 +117,7 @@ def make_layout_kernel(num_experts, num_ranks, num_topk, gpus_per_node):
                 if tid < RPB:
                     if first + j < R:
                         ptx.ptr_i32(per_rank_addr)[first + j] = total
-                elif NODES < R and first + j < NODES:
+                elif G < R and first + j < NODES:
                     ptx.ptr_i32(per_rdma_addr)[first + j] = total
 
     return layout_kernel
@@ -166,7 +166,7 @@ def get_dispatch_layout(topk_idx, num_experts, num_ranks, num_gpus_per_node=None
         raise TypeError("topk_idx: the numba simulator needs a NumPy array")
     kernel.launch(grid_size(num_experts, num_ranks), THREADS, address(topk_idx), T, address(per_rank),
                   address(per_rdma), address(per_expert), address(in_rank), stream=stream)
-    return per_rank, (per_rdma if nodes < num_ranks else None), per_expert, in_rank
+    return per_rank, (per_rdma if G < num_ranks else None), per_expert, in_rank
 
 
 def check_topk_idx(topk_idx, num_experts, num_ranks):

@@ -1,0 +1,97 @@
+"""CPU tests of the compile-and-cache half of numba_ep.launch (loading and launching need a GPU:
+tests/gpu/test_foundation_gpu.py)."""
+import json
+
+import pytest
+
+import numba_ep  # noqa: F401
+from numba_ep import launch
+
+
+def make_axpy(alpha):
+    from numba import cuda
+
+    from numba_ep.kernels import ptx
+
+    def axpy(y_addr, x_addr, n):
+        i = cuda.grid(1)
+        if i < n:
+            y = ptx.ptr_f32(y_addr)
+            y[i] = alpha * ptx.ptr_f32(x_addr)[i] + y[i]
+
+    return axpy
+
+
+SIG = "void(uint64, uint64, int32)"
+
+
+def test_parse_signature_accepts_scalars_only():
+    assert len(launch.parse_signature(SIG)) == 3
+    with pytest.raises(TypeError, match="argument 0"):
+        launch.parse_signature("void(float32[:], int32)")
+    with pytest.raises(TypeError, match="returns void"):
+        launch.parse_signature("int32(int32)")
+
+
+def test_compile_cubin_without_gpu(sm90):
+    cubin, meta = launch.compile_cubin(make_axpy(2.0), launch.parse_signature(SIG), (9, 0))
+    assert cubin[:4] == b"\x7fELF"  # a real cubin
+    assert "axpy" in meta["entry_name"]
+    assert meta["cooperative"] is False and meta["nvshmem"] is False
+
+
+def test_cache_round_trip(tmp_path, monkeypatch, sm90):
+    monkeypatch.setenv("NUMBA_EP_CACHE_DIR", str(tmp_path))
+    argtypes = launch.parse_signature(SIG)
+    key = launch.KernelKey("tests:make_axpy", (("alpha", 2.0),), argtypes, (), (9, 0))
+    calls = []
+    real = launch.compile_cubin
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(launch, "compile_cubin", counting)
+    cubin1, meta1 = launch.load_or_compile(make_axpy, key, {"alpha": 2.0})
+    cubin2, meta2 = launch.load_or_compile(make_axpy, key, {"alpha": 2.0})
+    assert len(calls) == 1, "the second load must come from the disk cache"
+    assert cubin1 == cubin2 and meta1["entry_name"] == meta2["entry_name"]
+    # A different constant is a different kernel.
+    key3 = launch.KernelKey("tests:make_axpy", (("alpha", 3.0),), argtypes, (), (9, 0))
+    launch.load_or_compile(make_axpy, key3, {"alpha": 3.0})
+    assert len(calls) == 2
+    # A corrupt metadata file is recompiled, not trusted.
+    meta_file = tmp_path / f"{key.digest(nvshmem=False)}.json"
+    meta_file.write_text("{not json")
+    launch.load_or_compile(make_axpy, key, {"alpha": 2.0})
+    assert len(calls) == 3
+    assert "axpy" in json.loads(meta_file.read_text())["entry_name"]
+
+
+def test_digest_changes_with_every_part():
+    argtypes = launch.parse_signature(SIG)
+    base = launch.KernelKey("m:f", (("a", 1),), argtypes, (), (9, 0))
+    variants = [
+        launch.KernelKey("m:g", (("a", 1),), argtypes, (), (9, 0)),
+        launch.KernelKey("m:f", (("a", 2),), argtypes, (), (9, 0)),
+        launch.KernelKey("m:f", (("a", 1),), argtypes[:2], (), (9, 0)),
+        launch.KernelKey("m:f", (("a", 1),), argtypes, (("lineinfo", True),), (9, 0)),
+        launch.KernelKey("m:f", (("a", 1),), argtypes, (), (10, 0)),
+    ]
+    digests = {base.digest(False)} | {v.digest(False) for v in variants}
+    assert len(digests) == 1 + len(variants)
+    assert base.digest(False) != base.digest(True)
+
+
+def test_stream_handle_kinds():
+    class Torchish:
+        cuda_stream = 1234
+
+    class Cupyish:
+        ptr = 77
+
+    assert launch.stream_handle(5) == 5
+    assert launch.stream_handle(Torchish()) == 1234
+    assert launch.stream_handle(Cupyish()) == 77
+    with pytest.raises(TypeError, match="stream"):
+        launch.stream_handle("default")
