@@ -210,6 +210,7 @@ def k_fences_timer(out):
     P.fence_mbarrier_init()
     t0 = P.globaltimer()
     P.nanosleep(1000)
+    P.bar_sync(2, 32)
     t1 = P.globaltimer()
     P.ptr_u64(out)[0] = t1 - t0 + P.smid()
     if P.elect_sync():
@@ -220,7 +221,7 @@ def test_fences_timer_elect():
     text = compile_ptx(k_fences_timer, (U64,))
     for frag in ("fence.acq_rel.cta;", "fence.acq_rel.gpu;", "fence.acq_rel.sys;",
                  "fence.proxy.async.shared::cta;", "fence.mbarrier_init.release.cluster;",
-                 "%globaltimer", "nanosleep.u32", "%smid", "elect.sync"):
+                 "%globaltimer", "nanosleep.u32", "%smid", "elect.sync", "bar.sync"):
         assert frag in text, frag
     assert text.count("%globaltimer") == 2  # two reads, not merged into one
 
@@ -455,6 +456,7 @@ def k_everything(a, b, x, n):
     P.fence_mbarrier_init()
     now = P.globaltimer()
     P.nanosleep(100)
+    P.bar_sync(1, 64)
     if P.elect_sync():
         P.ptr_u64(a)[0] = now + P.smid()
     v0, v1, v2, v3 = P.ld_nc_v4(a)

@@ -648,6 +648,20 @@ _simple("nanosleep",
         (types.uint32,), types.void, "nanosleep.u32 $0;", memory=False, fallback=_nanosleep_fb)
 
 
+def _bar_sync_fb(barrier_id, nthreads):
+    raise NotImplementedError("bar_sync: named barriers over a subset of a block cannot be "
+                              "emulated by numba's simulator; this kernel needs a GPU")
+
+
+_simple("bar_sync",
+        "bar_sync(barrier_id, nthreads): emits ``bar.sync $0, $1;``: a named barrier (ids 1..15; "
+        "0 is __syncthreads) over ``nthreads`` threads, a multiple of 32. Warps of one group of a "
+        "block wait for each other without stopping the rest of the block; memory written before "
+        "it by the group's threads is visible to the group after it (CTA scope). "
+        "(Simulator: not available.)",
+        (types.int32, types.int32), types.void, "bar.sync $0, $1;", fallback=_bar_sync_fb)
+
+
 def _smid_fb():
     return np.uint32(0)
 

@@ -1,0 +1,64 @@
+"""Intranode kernels on the CPU: every specialisation compiles and links for sm_90, the PTX holds
+the memory-ordering and 16-byte instructions the design relies on, and the ring layout adds up."""
+import pytest
+
+import numba_ep  # noqa: F401
+from numba import cuda
+
+from numba_ep import launch
+from numba_ep.kernels import intranode as I
+
+
+def _ptx(fn, sig):
+    ptx, _ = cuda.compile(fn, launch.parse_signature(sig), device=False, cc=(9, 0), output="ptx",
+                          abi="numba")
+    return ptx
+
+
+@pytest.mark.parametrize("R", [1, 2, 3, 8])
+def test_kernels_compile_and_link(R, sm90):
+    C, N, row16, K, S, L = 4, 64, 448, 8, 56, 16
+    lay = I.RingLayout(R, C, N, row16 * 16, K, S)
+    kernels = [
+        (I.make_notify_dispatch(R, C, L, lay.rank_counts, lay.chan_counts, lay.expert_counts,
+                                lay.tail, lay.head), I.NOTIFY_SIG),
+        (I.make_cached_notify(R, C, lay.tail), I.CACHED_SIG),
+        (I.make_dispatch(R, C, N, row16, K, S, L, **lay.constants()), I.DISPATCH_SIG),
+        (I.make_dispatch(R, C, N, row16, 0, 0, L, **lay.constants()), I.DISPATCH_SIG),  # cached
+        (I.make_combine(R, C, N, row16, K, **lay.constants()), I.COMBINE_SIG),
+    ]
+    for fn, sig in kernels:
+        cubin, meta = launch.compile_cubin(fn, launch.parse_signature(sig), (9, 0))
+        assert cubin[:4] == b"\x7fELF"
+
+
+def test_ptx_has_the_ordering_and_vector_instructions(sm90):
+    R, C, N, row16, K, S, L = 2, 4, 64, 448, 8, 56, 16
+    lay = I.RingLayout(R, C, N, row16 * 16, K, S)
+    d = _ptx(I.make_dispatch(R, C, N, row16, K, S, L, **lay.constants()), I.DISPATCH_SIG)
+    for frag in ("st.release.sys.global.s32", "ld.acquire.sys.global", "bar.sync",
+                 "ld.volatile.global.v4.u32", "st.global.L1::no_allocate.v4.u32", "%globaltimer"):
+        assert frag in d, frag
+    c = _ptx(I.make_combine(R, C, N, row16, K, **lay.constants()), I.COMBINE_SIG)
+    for frag in ("st.release.sys.global.s32", "ld.acquire.sys.global", "cvt.rn.bf16x2.f32",
+                 "ld.volatile.global.v4.u32", "st.global.L1::no_allocate.v4.u32"):
+        assert frag in c, frag
+    n = _ptx(I.make_notify_dispatch(R, C, L, lay.rank_counts, lay.chan_counts, lay.expert_counts,
+                                    lay.tail, lay.head), I.NOTIFY_SIG)
+    assert "atom.sys.global.add.s32" in n  # the barrier
+    assert "st.release.sys" in n  # the host counter is published last
+
+
+def test_ring_layout_sizes():
+    lay = I.RingLayout(2, 12, 256, 14336, 8, 56)
+    slots = 12 * 2 * 256
+    assert lay.x >= lay.header_bytes and lay.header_bytes % 128 == 0
+    assert lay.src - lay.x >= slots * 14336
+    assert lay.total_bytes >= lay.scales + slots * 56 * 4
+    assert all(getattr(lay, f) % 128 == 0 for f in ("x", "src", "topk", "weight", "scales"))
+    # More slots, wider rows or more top-k never shrink the buffer.
+    assert I.nvl_bytes_needed(2, 12, 512, 14336, 8, 56) > lay.total_bytes
+    assert I.nvl_bytes_needed(2, 12, 256, 14352, 8, 56) > lay.total_bytes
+    assert I.nvl_bytes_needed(2, 12, 256, 14336, 16, 56) > lay.total_bytes
+    with pytest.raises(ValueError, match="16-byte"):
+        I.RingLayout(2, 12, 256, 14338, 8, 56)
