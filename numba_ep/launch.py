@@ -9,8 +9,9 @@ about 30 µs, so every hot kernel here goes through this module instead:
           |         ~/.cache/numba_ep/<sha256>.cubin + .json  <--------+  (keyed by kernel sources,
           |                                                               constants, signature,
           v                                                               compute capability and
-    cuda.core ObjectCode.from_cubin -> Kernel -> cuda.core.launch(...)    package versions)
-                                                      (~5 µs; also inside CUDA-graph capture)
+    cuda.core ObjectCode.from_cubin -> CUfunction -> cuLaunchKernel       package versions)
+                             (arguments packed into one reused parameter block; also inside
+                              CUDA-graph capture)
 
 Kernel conventions that make this cheap (DESIGN.md decision 3): a kernel's parameters are scalars
 only (``uint64`` addresses, ``int32``/``int64`` sizes, ``float32``). Addresses become typed pointers
@@ -172,22 +173,34 @@ def _current_cc() -> tuple:
     return tuple(Device().compute_capability)
 
 
+_STRUCT_CODE = {
+    nbtypes.uint64: "Q", nbtypes.int64: "q", nbtypes.uint32: "I", nbtypes.int32: "i",
+    nbtypes.uint16: "H", nbtypes.int16: "h", nbtypes.uint8: "B", nbtypes.int8: "b",
+    nbtypes.float32: "f", nbtypes.float64: "d", nbtypes.boolean: "?",
+}
+
+
 class CompiledKernel:
     """A loaded kernel specialisation with a fast launch path.
 
-    ``kernel.launch(grid, block, *args, stream=..., shmem=0)`` converts each argument to the NumPy
-    scalar of its declared type and calls ``cuda.core.launch``. ``stream`` may be ``None`` (CuPy's
-    current stream), an ``int`` handle, a CuPy / torch / cuda.core stream, or a cuda.core
-    ``GraphBuilder`` (graph capture).
+    ``kernel.launch(grid, block, *args, stream=..., shmem=0)`` packs the scalar arguments into a
+    preallocated parameter block (one ``struct.pack_into``) and calls the driver's
+    ``cuLaunchKernel`` (or ``cuLaunchCooperativeKernel``) directly: no per-argument objects, no
+    per-launch allocation. The driver copies the parameters at launch, so the block is reused;
+    a lock keeps concurrent launches from different threads apart. ``stream`` may be ``None``
+    (CuPy's current stream), an ``int`` handle, or a CuPy / torch / cuda.core stream; launches on
+    a stream that is being captured become graph nodes.
     """
 
     def __init__(self, cubin: bytes, meta: dict, argtypes: tuple, name: str = ""):
+        import ctypes
+        import struct
+
         from cuda.core import ObjectCode
 
         self.name = name
         self.meta = meta
         self.argtypes = argtypes
-        self._conv = tuple(_NP_SCALAR[a] for a in argtypes)
         self.object_code = ObjectCode.from_cubin(cubin, name=name)
         self.kernel = self.object_code.get_kernel(meta["entry_name"])
         if meta.get("nvshmem"):
@@ -196,48 +209,114 @@ class CompiledKernel:
             # Same as the setup callback numba would run on module load: bind NVSHMEM's device
             # state to this module. nvshmem.core.init() must have run in this process first.
             nv.library_init(nv.NvshmemKernelObject.from_obj(self.object_code))
-        self._configs = {}
-        self._max_dyn_shmem = 48 * 1024
+        # Native alignment ("@") puts every parameter where the kernel's ABI expects it.
+        self._struct = struct.Struct("@" + "".join(_STRUCT_CODE[a] for a in argtypes))
+        self._nargs = len(argtypes)
+        self._params = ctypes.create_string_buffer(max(self._struct.size, 8))
+        base = ctypes.addressof(self._params)
+        offsets = [struct.calcsize("@" + "".join(_STRUCT_CODE[a] for a in argtypes[:i + 1]))
+                   - struct.calcsize("@" + _STRUCT_CODE[argtypes[i]]) for i in range(len(argtypes))]
+        self._ptrs = (ctypes.c_void_p * max(len(argtypes), 1))(*[base + o for o in offsets])
+        self._ptrs_addr = ctypes.addressof(self._ptrs)
+        self._lock = threading.Lock()
+        self._functions = {}   # device id -> CUfunction
+        self._max_dyn_shmem = {}
 
     @property
     def cooperative(self) -> bool:
         return bool(self.meta.get("cooperative"))
 
-    def _config(self, grid, block, shmem, cooperative):
-        key = (grid, block, shmem, cooperative)
-        cfg = self._configs.get(key)
-        if cfg is None:
-            from cuda.core import LaunchConfig
-
-            if shmem > self._max_dyn_shmem:
-                self._raise_dynamic_shared_limit(shmem)
-            cfg = LaunchConfig(grid=grid, block=block, shmem_size=shmem,
-                               is_cooperative=cooperative)
-            self._configs[key] = cfg
-        return cfg
-
-    def _raise_dynamic_shared_limit(self, nbytes):
+    def function(self):
+        """The CUfunction of this kernel in the current device's context."""
         from cuda.bindings import driver
         from cuda.core import Device
 
-        dev = Device()
+        dev = Device().device_id
+        f = self._functions.get(dev)
+        if f is None:
+            err, f = driver.cuKernelGetFunction(self.kernel.handle)
+            _check(err, f"{self.name}: cuKernelGetFunction")
+            self._functions[dev] = f
+        return f
+
+    def _allow_dynamic_shared(self, f, nbytes):
+        from cuda.bindings import driver
+
         attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        err, = driver.cuKernelSetAttribute(attr, int(nbytes), self.kernel.handle, dev.device_id)
-        if err != driver.CUresult.CUDA_SUCCESS:
-            raise RuntimeError(f"{self.name}: cannot allow {nbytes} B of dynamic shared memory: {err}")
-        self._max_dyn_shmem = nbytes
+        (err,) = driver.cuFuncSetAttribute(f, attr, int(nbytes))
+        _check(err, f"{self.name}: allowing {nbytes} B of dynamic shared memory")
+        self._max_dyn_shmem[id(f)] = nbytes
 
     def launch(self, grid, block, *args, stream=None, shmem=0, cooperative=None):
         """Launch with scalar arguments (in the order of the kernel signature)."""
-        if len(args) != len(self._conv):
-            raise TypeError(f"{self.name}: expected {len(self._conv)} arguments, got {len(args)}")
-        from cuda.core import launch
-
+        driver = _driver()
+        if len(args) != self._nargs:
+            raise TypeError(f"{self.name}: expected {self._nargs} arguments, got {len(args)}")
+        f = self._functions.get(_current_device_id()) or self.function()
+        if shmem > self._max_dyn_shmem.get(id(f), 48 * 1024):
+            self._allow_dynamic_shared(f, shmem)
+        gx, gy, gz = _dim3(grid)
+        bx, by, bz = _dim3(block)
+        h = stream_handle(stream)
         coop = self.cooperative if cooperative is None else cooperative
-        cfg = self._config(grid, block, shmem, coop)
-        launch(as_stream(stream), cfg, self.kernel, *[c(a) for c, a in zip(self._conv, args)])
+        with self._lock:
+            try:
+                self._struct.pack_into(self._params, 0, *args)
+            except struct_error as e:
+                raise TypeError(f"{self.name}: an argument does not fit its declared type "
+                                f"{[str(a) for a in self.argtypes]}: {e}") from None
+            if coop:
+                (err,) = driver.cuLaunchCooperativeKernel(f, gx, gy, gz, bx, by, bz, shmem, h,
+                                                          self._ptrs_addr)
+            else:
+                (err,) = driver.cuLaunchKernel(f, gx, gy, gz, bx, by, bz, shmem, h,
+                                               self._ptrs_addr, 0)
+        if err != _SUCCESS:
+            _check(err, f"{self.name}: launch grid={grid} block={block} shmem={shmem}")
 
     __call__ = launch
+
+
+def _dim3(d):
+    if isinstance(d, int):
+        return d, 1, 1
+    d = tuple(d) + (1, 1)
+    return d[0], d[1], d[2]
+
+
+def _check(err, what):
+    from cuda.bindings import driver
+
+    if err != driver.CUresult.CUDA_SUCCESS:
+        _, msg = driver.cuGetErrorString(err)
+        raise RuntimeError(f"{what} failed: {err.name} ({msg.decode() if msg else ''})")
+
+
+_driver_module = None
+
+
+def _driver():
+    global _driver_module
+    if _driver_module is None:
+        from cuda.bindings import driver
+
+        _driver_module = driver
+    return _driver_module
+
+
+def _current_device_id():
+    import cupy
+
+    return cupy.cuda.runtime.getDevice()
+
+
+try:
+    from struct import error as struct_error
+    from cuda.bindings.driver import CUresult as _CUresult
+
+    _SUCCESS = _CUresult.CUDA_SUCCESS
+except ImportError:  # pragma: no cover - CPU-only installs always have cuda.bindings
+    _SUCCESS = 0
 
 
 class SimulatorKernel:
@@ -340,20 +419,19 @@ def load_or_compile(factory, key: KernelKey, constants: dict, **options):
 # Streams
 # ---------------------------------------------------------------------------------------------
 
-_stream_wrappers = {}
-
-
 def stream_handle(stream) -> int:
     """The raw ``cudaStream_t`` of ``stream`` as an int (0 = legacy default stream).
 
     Accepts None (CuPy's current stream), an int, or an object with ``.ptr`` (CuPy),
     ``.cuda_stream`` (torch) or ``.handle`` (cuda.core).
     """
+    if isinstance(stream, int):
+        return stream
     if stream is None:
         import cupy
 
         return int(cupy.cuda.get_current_stream().ptr)
-    if isinstance(stream, (int, np.integer)):
+    if isinstance(stream, np.integer):
         return int(stream)
     for attr in ("ptr", "cuda_stream"):
         if hasattr(stream, attr):
@@ -364,20 +442,3 @@ def stream_handle(stream) -> int:
         return int(stream.__cuda_stream__()[1])
     raise TypeError(f"stream: expected None, an int handle or a CuPy/torch/cuda.core stream, "
                     f"got {type(stream).__name__}")
-
-
-def as_stream(stream):
-    """A cuda.core stream (or GraphBuilder) for ``cuda.core.launch``; wrappers are cached."""
-    try:
-        from cuda.core.graph import GraphBuilder
-    except ImportError:  # pragma: no cover - older cuda.core
-        GraphBuilder = ()
-    from cuda.core import Stream
-
-    if isinstance(stream, (Stream, GraphBuilder)):
-        return stream
-    h = stream_handle(stream)
-    s = _stream_wrappers.get(h)
-    if s is None:
-        s = _stream_wrappers[h] = Stream.from_handle(h)
-    return s

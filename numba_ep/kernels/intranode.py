@@ -669,9 +669,7 @@ class IntranodeContext:
     and the host-mapped counters notify_dispatch fills (int32 [1 + MAX_LOCAL_EXPERTS])."""
 
     def __init__(self, ipc_buffer, rank, num_ranks, timeout_s=None):
-        import cupy
-
-        from numba_ep.kernels.waits import ctypes_buffer, error_record, timeout_ns
+        from numba_ep.kernels.waits import error_record, mapped_host_array, timeout_ns
 
         if not 1 <= num_ranks <= MAX_RANKS:
             raise ValueError(f"num_ranks: intranode mode supports 1..{MAX_RANKS} ranks, got {num_ranks}")
@@ -681,10 +679,8 @@ class IntranodeContext:
         self.timeout_s = timeout_s
         self.timeout_ns = timeout_ns(timeout_s)
         self.errors = error_record()
-        nbytes = (1 + MAX_LOCAL_EXPERTS) * 4
-        self._counters_mem = cupy.cuda.PinnedMemory(nbytes, flags=2)  # cudaHostAllocMapped
-        self.counters = np.frombuffer(ctypes_buffer(self._counters_mem.ptr, nbytes), dtype=np.int32)
-        self.counters_dev = int(cupy.cuda.runtime.hostGetDevicePointer(self._counters_mem.ptr, 0))
+        self._counters_mem, self.counters, self.counters_dev = mapped_host_array(
+            1 + MAX_LOCAL_EXPERTS, np.int32)
 
     @property
     def bufs(self) -> int:

@@ -88,15 +88,8 @@ class ErrorRecord:
             self.device_address = self._host.ctypes.data
             self._mem = None
             return
-        import cupy
-
-        nbytes = RECORD_WORDS * 8
-        # cudaHostAllocMapped (2): the device writes the host's memory directly over PCIe.
-        self._mem = cupy.cuda.PinnedMemory(nbytes, flags=2)
-        ptr = self._mem.ptr
-        self._host = np.frombuffer((ctypes_buffer(ptr, nbytes)), dtype=np.int64)
+        self._mem, self._host, self.device_address = mapped_host_array(RECORD_WORDS, np.int64)
         self._host[:] = 0
-        self.device_address = int(cupy.cuda.runtime.hostGetDevicePointer(ptr, 0))
 
     @property
     def words(self) -> np.ndarray:
@@ -120,6 +113,25 @@ class ErrorRecord:
                f"call are invalid.")
         self.clear()
         raise CommTimeoutError(msg, what=kernel, rank=rank, peer=peer)
+
+
+def mapped_host_array(n, dtype):
+    """``n`` elements of pinned host memory the GPU can read and write directly.
+
+    Returns ``(owner, host_view, device_address)``: keep ``owner`` alive as long as the view is
+    used. With unified addressing (every 64-bit CUDA platform) the device address of mapped
+    memory equals the host pointer; the runtime is asked anyway, so nothing relies on that.
+    """
+    import cupy
+    from cuda.bindings import runtime
+
+    nbytes = int(n) * np.dtype(dtype).itemsize
+    mem = cupy.cuda.PinnedMemory(nbytes, flags=2)  # cudaHostAllocMapped
+    view = np.frombuffer(ctypes_buffer(mem.ptr, nbytes), dtype=dtype)
+    err, dptr = runtime.cudaHostGetDevicePointer(mem.ptr, 0)
+    if err != runtime.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"cudaHostGetDevicePointer failed: {err}")
+    return mem, view, int(dptr)
 
 
 def ctypes_buffer(ptr: int, nbytes: int):

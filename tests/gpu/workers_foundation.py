@@ -84,7 +84,7 @@ def nvshmem_kernel_fast_path(group):
         k.launch(1, 32, int(sym.ptr), group.rank, (group.rank + 1) % group.size)
         cp.cuda.Device().synchronize()
         group.barrier()
-        got = int(arr[group.rank].get())
+        got = int(arr[(group.rank - 1) % group.size].get())  # written by the previous rank
         sym.close()
     finally:
         nvshmem_finalize()

@@ -28,7 +28,7 @@ def dispatch_combine_round_trip(group, num_tokens, hidden, num_experts, num_topk
     x = rng.standard_normal((T, hidden)).astype(ml_dtypes.bfloat16)
     topk = _random_topk(rng, T, num_experts, num_topk, drop=0.1)
     w = rng.random((T, num_topk)).astype(np.float32)
-    xs, topks, ws = _gather(group, (x.view(np.uint16), topk, w))
+    xs, topks, ws = map(list, zip(*_gather(group, (x.view(np.uint16), topk, w))))
     ref = reference.intranode_dispatch([a.view(ml_dtypes.bfloat16) for a in xs], topks, ws,
                                        num_experts, num_channels)[rank]
 
