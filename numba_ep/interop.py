@@ -3,6 +3,20 @@
 The library works on CuPy arrays inside; callers may hand in CuPy arrays or torch tensors and get
 outputs of the same kind back, zero-copy through DLPack. Kernels take raw addresses, so the one
 thing every kind must give is ``address(a)``.
+
+BF16 and FP8 across kinds
+-------------------------
+CuPy has no bfloat16 and no float8 dtypes. numba_ep's convention on the CuPy side:
+
+    bfloat16        travels as ``uint16`` (the same 16 bits)
+    float8_e4m3fn   travels as ``uint8``  (the same 8 bits)
+
+A CuPy caller passes bf16 data as a ``uint16`` array (and FP8 as ``uint8``) and gets its outputs
+back with the same dtype. A torch caller passes real ``torch.bfloat16`` / ``torch.float8_e4m3fn``
+tensors: ``device_view`` / ``bytes_view`` reinterpret them as same-width integers before DLPack
+(zero-copy), and ``to_caller(..., torch_dtype=...)`` views the results back. NumPy callers (the
+simulator, host-mode tests) may use ``ml_dtypes.bfloat16`` / ``float8_e4m3fn`` or the integer
+carriers. ``array_info`` describes any of the three kinds without touching a GPU.
 """
 from __future__ import annotations
 
@@ -59,12 +73,15 @@ def to_kind(a, torch_out: bool):
     return torch.from_dlpack(a)
 
 
-def current_stream_handle(torch_side: bool) -> int:
-    """Raw handle of the caller's current stream: torch's when the caller uses torch, else CuPy's."""
+def current_stream_handle(torch_side: bool, device=None) -> int:
+    """Raw handle of the caller's current stream: torch's when the caller uses torch, else CuPy's.
+
+    ``device`` (torch side only): whose current stream; None = torch's current device.
+    """
     if torch_side:
         import torch
 
-        return int(torch.cuda.current_stream().cuda_stream)
+        return int(torch.cuda.current_stream(device).cuda_stream)
     import cupy
 
     return int(cupy.cuda.get_current_stream().ptr)
@@ -112,3 +129,191 @@ def record_event(stream_handle: int):
     ev = cupy.cuda.Event(disable_timing=True)
     cupy.cuda.runtime.eventRecord(ev.ptr, stream_handle)
     return ev
+
+
+# -------------------------------------------------------------------------------------------------
+# Describing and converting arrays of any kind (used by numba_ep.buffer)
+# -------------------------------------------------------------------------------------------------
+
+from typing import NamedTuple  # noqa: E402
+
+#: CuPy / NumPy carrier dtype of each dtype CuPy lacks (see "BF16 and FP8 across kinds")
+CUPY_CARRIER = {
+    "bfloat16": "uint16",
+    "float8_e4m3fn": "uint8",
+    "float8_e5m2": "uint8",
+    "float8_e4m3fnuz": "uint8",
+    "float8_e5m2fnuz": "uint8",
+    "float8_e8m0fnu": "uint8",
+}
+# Integer dtype of each width, used to carry other dtypes through DLPack.
+_TORCH_INT_CARRIER = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}
+_CUPY_UINT = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
+
+
+class ArrayInfo(NamedTuple):
+    """What validation needs to know about an array, for CuPy, torch and NumPy alike.
+
+    ``dtype`` is the dtype's name (``"bfloat16"``, ``"float32"``, ``"uint16"``...), ``strides``
+    are in elements, ``device`` is the CUDA device id or None for host memory.
+    """
+    kind: str            # "cupy", "torch" or "numpy"
+    dtype: str
+    itemsize: int
+    shape: tuple
+    strides: tuple
+    device: int | None
+    c_contiguous: bool
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def where(self) -> str:
+        """Human-readable location: 'CUDA device 1' or 'the host (CPU memory)'."""
+        return "the host (CPU memory)" if self.device is None else f"CUDA device {self.device}"
+
+
+def is_array(a) -> bool:
+    """True for a NumPy array, a CuPy array or a torch tensor."""
+    if isinstance(a, np.ndarray) or is_torch(a):
+        return True
+    t = type(a)
+    return t.__module__.startswith("cupy") and t.__name__ == "ndarray"
+
+
+def array_info(a, name="array") -> ArrayInfo:
+    """Describe ``a`` (CuPy array, torch tensor or NumPy array) without launching anything.
+
+    Raises TypeError naming ``name`` for anything else.
+    """
+    if isinstance(a, np.ndarray):
+        item = a.dtype.itemsize
+        return ArrayInfo("numpy", a.dtype.name, item, tuple(a.shape),
+                         tuple(s // item for s in a.strides) if item else tuple(a.strides),
+                         None, bool(a.flags.c_contiguous))
+    if is_torch(a):
+        dev = a.device
+        return ArrayInfo("torch", str(a.dtype).removeprefix("torch."), int(a.element_size()),
+                         tuple(a.shape), tuple(a.stride()),
+                         int(dev.index if dev.index is not None else 0) if dev.type == "cuda" else None,
+                         bool(a.is_contiguous()))
+    t = type(a)
+    if t.__module__.startswith("cupy") and t.__name__ == "ndarray":
+        item = a.dtype.itemsize
+        return ArrayInfo("cupy", a.dtype.name, item, tuple(a.shape),
+                         tuple(s // item for s in a.strides), int(a.device.id),
+                         bool(a.flags.c_contiguous))
+    raise TypeError(f"{name}: expected a CuPy array or a torch tensor, got {type(a).__module__}."
+                    f"{type(a).__qualname__}")
+
+
+def device_view(a, name="array"):
+    """A zero-copy view of ``a`` that numba_ep's kernels and CuPy can use; None stays None.
+
+    CuPy arrays and NumPy arrays (host mode) come back unchanged. torch CUDA tensors become CuPy
+    arrays through DLPack; dtypes CuPy lacks (bfloat16, float8) are reinterpreted first as the
+    unsigned integer of the same width (``uint16`` / ``uint8``), keeping shape and strides.
+    """
+    if a is None:
+        return None
+    if not is_torch(a):
+        if isinstance(a, np.ndarray) or is_array(a):
+            return a
+        raise TypeError(f"{name}: expected a CuPy array or a torch tensor, got "
+                        f"{type(a).__module__}.{type(a).__qualname__}")
+    import cupy
+
+    if not a.is_cuda:
+        raise ValueError(f"{name}: expected a CUDA tensor, got one on {a.device}")
+    t = a.detach()
+    dname = str(t.dtype).removeprefix("torch.")
+    if dname == "bool":  # DLPack's bool code is not understood everywhere: travel as bytes
+        import torch
+
+        return cupy.from_dlpack(t.view(torch.uint8)).view(cupy.bool_)
+    if dname in CUPY_CARRIER or dname in ("uint16", "uint32", "uint64"):
+        import torch
+
+        width = t.element_size()
+        out = cupy.from_dlpack(t.view(getattr(torch, _TORCH_INT_CARRIER[width])))
+        return out.view(_CUPY_UINT[width]) if width > 1 else out
+    return cupy.from_dlpack(t)
+
+
+def bytes_view(a, name="array"):
+    """A zero-copy ``uint8 [rows, row_bytes]`` view of a C-contiguous 2-D array of any dtype
+    (CuPy/NumPy array or torch CUDA tensor); row_bytes = columns * element size."""
+    if is_torch(a):
+        import torch
+
+        if not a.is_contiguous():
+            raise ValueError(f"{name}: expected a C-contiguous tensor")
+        return device_view(a.detach().view(torch.uint8), name)
+    v = device_view(a, name)
+    if not v.flags.c_contiguous:
+        raise ValueError(f"{name}: expected a C-contiguous array")
+    return v.view(np.uint8)
+
+
+def to_caller(a, torch_out: bool, torch_dtype=None, dtype=None):
+    """Hand a device result ``a`` (a CuPy array, or NumPy in host mode) back in the caller's kind.
+
+    - ``torch_out``: return a torch tensor (zero-copy DLPack). ``torch_dtype`` (a torch dtype, e.g.
+      ``torch.bfloat16``) reinterprets the bits; when its width differs from ``a``'s, the last
+      dimension is rescaled (``a`` must then be contiguous in it), e.g. ``uint8 [N, 2H]`` ->
+      ``bfloat16 [N, H]``.
+    - else: return ``a``, viewed as ``dtype`` (a NumPy/CuPy dtype) when given.
+    None stays None.
+    """
+    if a is None:
+        return None
+    if not torch_out:
+        return a if dtype is None or a.dtype == np.dtype(dtype) else a.view(dtype)
+    import torch
+
+    if a.dtype == np.bool_:  # as bytes, viewed back (see device_view)
+        return torch.from_dlpack(a.view(np.uint8)).view(torch.bool)
+    if torch_dtype is None:
+        return torch.from_dlpack(a)
+    carrier = getattr(torch, _TORCH_INT_CARRIER[a.dtype.itemsize])
+    t = torch.from_dlpack(a.view(_TORCH_INT_CARRIER[a.dtype.itemsize]))
+    assert t.dtype == carrier
+    return t if torch_dtype == carrier else t.view(torch_dtype)
+
+
+def torch_dtype_of(a):
+    """The torch dtype of a torch tensor, else None."""
+    return a.dtype if is_torch(a) else None
+
+
+def torch_cuda_active() -> bool:
+    """True when torch is imported and has initialised CUDA in this process (then 'the caller's
+    current stream' means torch's)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    try:
+        return bool(torch.cuda.is_available() and torch.cuda.is_initialized())
+    except Exception:
+        return False
+
+
+def caller_stream(torch_side: bool, device=None):
+    """The caller's current stream as a CuPy stream object (``with`` it to make CuPy use it):
+    CuPy's current stream, or for torch callers an ``ExternalStream`` over torch's current stream
+    of ``device``."""
+    import cupy
+
+    if not torch_side:
+        return cupy.cuda.get_current_stream()
+    import warnings
+
+    handle = current_stream_handle(True, device)
+    # ExternalStream is deprecated in CuPy 14 in favour of Stream.from_external, which needs a
+    # stream object; this one only records the handle (and works for torch's legacy stream 0).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(handle, -1 if device is None else int(device))
