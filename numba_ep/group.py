@@ -485,6 +485,20 @@ def as_group(obj=None) -> Group:
         f"None; got {type(obj).__module__}.{type(obj).__qualname__}")
 
 
+def _gpus_visible() -> bool:
+    """Whether the CUDA driver sees a device (without creating a context)."""
+    try:
+        from cuda.bindings import driver
+
+        (err,) = driver.cuInit(0)
+        if err != driver.CUresult.CUDA_SUCCESS:
+            return False
+        err, n = driver.cuDeviceGetCount()
+        return err == driver.CUresult.CUDA_SUCCESS and n > 0
+    except Exception:
+        return False
+
+
 def current_device(group=None) -> int:
     """The CUDA device of this process, made current for CuPy and cuda.core on first call.
 
@@ -605,6 +619,8 @@ def _child_main(target, rank, size, store, device, group_timeout, args, kwargs):
     _SPAWN_GROUP = group
     failed = False
     try:
+        if _gpus_visible():
+            current_device(group)  # this rank's GPU is current before fn runs
         fn = _resolve_target(target)
         result = fn(group, *args, **kwargs)
         try:

@@ -354,8 +354,24 @@ def get_kernel(factory, sig, *, lineinfo=False, max_registers=None, launch_bound
         cc: compute capability; defaults to the current device's.
 
     The first call for a key compiles (or loads the cubin from ``cache_dir()``); later calls in
-    the process return the memoised ``CompiledKernel``.
+    the process return the memoised ``CompiledKernel`` after one dictionary lookup (hot paths call
+    this on every launch). A loaded kernel works on every device of the process.
     """
+    fast = (factory, sig, lineinfo, max_registers, launch_bounds, fastmath, cc,
+            tuple(constants.items()))
+    k = _fast_memo.get(fast)
+    if k is not None:
+        return k
+    k = _get_kernel(factory, sig, lineinfo, max_registers, launch_bounds, fastmath, cc, constants)
+    _fast_memo[fast] = k
+    return k
+
+
+_fast_memo = {}
+
+
+def _get_kernel(factory, sig, lineinfo, max_registers, launch_bounds, fastmath, cc, constants):
+    """get_kernel's slow path: normalise the key, then load or compile."""
     argtypes = parse_signature(sig)
     name = getattr(factory, "__name__", "kernel").removeprefix("make_")
     if SIMULATOR:

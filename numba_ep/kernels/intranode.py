@@ -800,7 +800,8 @@ def dispatch(ctx, x_bytes, x_scales, topk_idx, topk_weights, is_token_in_rank,
         s0, s1 = (st // 4 for st in x_scales.strides)
     else:
         s0 = s1 = 0
-    k = get_kernel(make_dispatch, DISPATCH_SIG, num_ranks=R, num_channels=C,
+    k = get_kernel(make_dispatch, DISPATCH_SIG, launch_bounds=(THREADS, 1), num_ranks=R,
+                   num_channels=C,
                    num_recv_slots=num_recv_slots, row16=row // 16, num_topk=K, num_scales=S,
                    num_local_experts=num_experts // R, **lay.constants())
     k.launch(2 * C, THREADS, ctx.bufs, ctx.rank, T, _addr(x_bytes), _addr(x_scales), s0, s1,
@@ -831,7 +832,8 @@ def combine(ctx, x_bf16, topk_weights, bias0, bias1, recv_src_idx, rank_prefix_m
     row = _row_bytes(x_bf16)
     K = 0 if topk_weights is None else topk_weights.shape[1]
     lay = ctx.layout(C, num_recv_slots, row, K, 0)
-    k = get_kernel(make_combine, COMBINE_SIG, num_ranks=R, num_channels=C,
+    k = get_kernel(make_combine, COMBINE_SIG, launch_bounds=(THREADS, 1), num_ranks=R,
+                   num_channels=C,
                    num_recv_slots=num_recv_slots, row16=row // 16, num_topk=K, **lay.constants())
     k.launch(2 * C, THREADS, ctx.bufs, ctx.rank, T, _addr(x_bf16), _addr(topk_weights),
              _addr(bias0), _addr(bias1), _addr(rank_prefix_matrix),

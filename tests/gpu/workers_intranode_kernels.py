@@ -22,6 +22,9 @@ def dispatch_combine_round_trip(group, num_tokens, hidden, num_experts, num_topk
     from numba_ep.kernels.layout import get_dispatch_layout
     from numba_ep.memory import IpcBuffer
 
+    from numba_ep.group import current_device
+
+    current_device(group)
     R, rank = group.size, group.rank
     rng = np.random.default_rng()
     T = num_tokens[rank] if isinstance(num_tokens, (list, tuple)) else num_tokens
@@ -67,12 +70,14 @@ def dispatch_combine_round_trip(group, num_tokens, hidden, num_experts, num_topk
         for name, (g, want) in checks.items():
             got = cp.asnumpy(g)
             assert got.shape == want.shape, (name, got.shape, want.shape)
-            assert np.array_equal(got, want), f"{name} differs at {np.argwhere(got != want)[:5]}"
+            bad = np.argwhere(~((got == want) | (np.isnan(got) & np.isnan(want)))
+                              if got.dtype.kind == "f" else got != want)
+            assert len(bad) == 0, (f"{name} differs at {len(bad)} places, first {bad[:5].tolist()}: "
+                                   f"got {[got[tuple(i)] for i in bad[:5]]}, "
+                                   f"want {[want[tuple(i)] for i in bad[:5]]}")
         # Combine: expert outputs = received rows scaled per rank (values stay exact in bf16).
         y = (ref["recv_x"].astype(np.float32) * (rank + 1)).astype(ml_dtypes.bfloat16)
-        handles = _gather(group, {k: ref[k] for k in ("is_token_in_rank", "rank_prefix_matrix",
-                                                       "recv_channel_prefix_matrix", "send_head",
-                                                       "recv_src_idx", "num_recv_tokens")})
+        handles = _gather(group, ref)
         ys, rws = zip(*_gather(group, (y.view(np.uint16), ref["recv_topk_weights"])))
         want_x, want_w = reference.intranode_combine(
             [a.view(ml_dtypes.bfloat16) for a in ys], handles, topk_weights=list(rws))[rank]
