@@ -144,7 +144,8 @@ def _workspace(xp, blocks, counts):
     return ws, done
 
 
-def get_dispatch_layout(topk_idx, num_experts, num_ranks, num_gpus_per_node=None, stream=None):
+def get_dispatch_layout(topk_idx, num_experts, num_ranks, num_gpus_per_node=None, stream=None,
+                        out=None):
     """Compute the dispatch layout on the device of ``topk_idx``.
 
     Args:
@@ -154,6 +155,9 @@ def get_dispatch_layout(topk_idx, num_experts, num_ranks, num_gpus_per_node=None
         num_ranks: R.
         num_gpus_per_node: G; ``num_tokens_per_rdma_rank`` is computed only when ``G < R``.
         stream: launch stream (None = CuPy's current stream).
+        out: optional preallocated ``(num_tokens_per_rank, num_tokens_per_rdma_rank,
+            num_tokens_per_expert, is_token_in_rank)`` to write into (no allocation: for CUDA
+            graphs); ``num_tokens_per_rdma_rank`` may be None when ``G >= R``.
 
     Returns:
         ``(num_tokens_per_rank [R] int32, num_tokens_per_rdma_rank [R/G] int32 or None,
@@ -172,18 +176,28 @@ def get_dispatch_layout(topk_idx, num_experts, num_ranks, num_gpus_per_node=None
     if G <= 0 or num_ranks % G:
         raise ValueError(f"num_gpus_per_node: expected a divisor of num_ranks={num_ranks}, got {G}")
     nodes = num_ranks // G
-    per_rank = xp.empty(num_ranks, dtype=np.int32)
-    per_rdma = xp.empty(max(nodes, 1), dtype=np.int32)
-    per_expert = xp.empty(num_experts, dtype=np.int32)
-    in_rank = xp.empty((T, num_ranks), dtype=np.bool_)
+    if out is None:
+        per_rank = xp.empty(num_ranks, dtype=np.int32)
+        per_rdma = xp.empty(max(nodes, 1), dtype=np.int32) if G < num_ranks else None
+        per_expert = xp.empty(num_experts, dtype=np.int32)
+        in_rank = xp.empty((T, num_ranks), dtype=np.bool_)
+    else:
+        per_rank, per_rdma, per_expert, in_rank = out
+        for name, a, shape, dt in (("num_tokens_per_rank", per_rank, (num_ranks,), np.int32),
+                                   ("num_tokens_per_expert", per_expert, (num_experts,), np.int32),
+                                   ("is_token_in_rank", in_rank, (T, num_ranks), np.bool_)):
+            if a.shape != shape or a.dtype != dt or not a.flags.c_contiguous:
+                raise ValueError(f"out: {name} must be a contiguous {np.dtype(dt)} array of shape "
+                                 f"{shape}, got {a.dtype} {a.shape}")
     kernel = get_kernel(make_layout_kernel, LAYOUT_SIG, num_experts=num_experts,
                         num_ranks=num_ranks, num_topk=K, gpus_per_node=G)
     blocks = max(1, (T + THREADS - 1) // THREADS)
     ws, done = _workspace(xp, blocks, num_experts + num_ranks + nodes)
     if SIMULATOR and xp is not np:
         raise TypeError("topk_idx: the numba simulator needs a NumPy array")
-    kernel.launch(blocks, THREADS, address(topk_idx), T, address(per_rank), address(per_rdma),
-                  address(per_expert), address(in_rank), address(ws), address(done), stream=stream)
+    kernel.launch(blocks, THREADS, address(topk_idx), T, address(per_rank),
+                  0 if per_rdma is None else address(per_rdma), address(per_expert),
+                  address(in_rank), address(ws), address(done), stream=stream)
     return per_rank, (per_rdma if G < num_ranks else None), per_expert, in_rank
 
 
