@@ -156,14 +156,168 @@ def main(name, json_path=None, ranks=None) -> int:
     elif name == "layout":
         rows = bench_layout(num_ranks=ranks or 2)
         unit = "us"
+    elif name == "intranode":
+        rows = bench_intranode(ranks)
+        unit = "mixed (see row names)"
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(name)
     dev = _device_name()
     print(f"bench {name} on {dev}")
     width = max(len(k) for k in rows)
     for k, v in rows.items():
-        print(f"  {k:<{width}}  {v:8.2f}")
+        print(f"  {k:<{width}}  {v:8.2f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"bench": name, "device": dev, "unit": unit, "rows": rows}, f, indent=2)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bench intranode: layout, dispatch BF16 / FP8 and combine through numba_ep.Buffer on every local
+# GPU, beside NCCL all-to-all of the same tokens and the NVLink copy-engine limit.
+# ---------------------------------------------------------------------------------------------
+
+def _median_event_us(fn, stream, iters=30, warmup=5, group=None):
+    import cupy as cp
+
+    times = []
+    for i in range(warmup + iters):
+        if group is not None:
+            stream.synchronize()
+            group.barrier()  # start every rank together, as a training step would
+        e0, e1 = cp.cuda.Event(), cp.cuda.Event()
+        e0.record(stream)
+        fn()
+        e1.record(stream)
+        e1.synchronize()
+        if i >= warmup:
+            times.append(cp.cuda.get_elapsed_time(e0, e1) * 1e3)
+    return statistics.median(times)
+
+
+def intranode_rank(group, num_tokens=4096, hidden=7168, num_topk=8, num_experts=256, num_sms=24):
+    """One rank of ``bench intranode`` (a module-level function so that spawn can start it)."""
+    import cupy as cp
+
+    from numba_ep import reference
+    from numba_ep.buffer import Buffer
+    from numba_ep.config import Config
+    from numba_ep.demo import _random_topk
+
+    R, rank = group.size, group.rank
+    rng = np.random.default_rng(1234 + rank)
+    topk_np = _random_topk(rng, num_tokens, num_experts, num_topk, drop=0.0)
+    cfg_d = Config(num_sms, Buffer.get_dispatch_config(R).num_max_nvl_chunked_send_tokens, 256)
+    cfg_c = Config(num_sms, Buffer.get_combine_config(R).num_max_nvl_chunked_send_tokens, 256)
+    nbytes = max(cfg_d.get_nvl_buffer_size_hint(hidden * 2, R),
+                 cfg_c.get_nvl_buffer_size_hint(hidden * 2, R), 64 << 20)
+    buf = Buffer(group, nbytes, explicitly_destroy=True)
+    rows = {}
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        x = cp.asarray(rng.standard_normal((num_tokens, hidden), dtype=np.float32))
+        x_bf16 = (x.view(cp.uint32) >> 16).astype(cp.uint16)  # truncation is fine for timing
+        x_fp8 = cp.asarray(rng.integers(0, 0x70, size=(num_tokens, hidden), dtype=np.uint8))
+        scales = cp.asarray(rng.random((num_tokens, hidden // 128), dtype=np.float32))
+        topk = cp.asarray(topk_np)
+        weights = cp.asarray(rng.random((num_tokens, num_topk), dtype=np.float32))
+
+        layout = buf.get_dispatch_layout(topk, num_experts)
+        per_rank, _, per_expert, in_rank, _ = layout
+        rows["layout (Buffer call incl. id check), us"] = _median_event_us(
+            lambda: buf.get_dispatch_layout(topk, num_experts), stream)
+        recv_x, _, _, _, handle, _ = buf.dispatch(
+            x_bf16, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert, topk_idx=topk, topk_weights=weights, config=cfg_d)
+        n_recv = recv_x.shape[0]
+        rank_prefix = cp.asnumpy(handle[0])
+        n_local = int(rank_prefix[rank, rank] - (rank_prefix[rank - 1, rank] if rank else 0))
+        n_remote = n_recv - n_local
+        t_bf16 = _median_event_us(lambda: buf.dispatch(x_bf16, handle=handle, config=cfg_d),
+                                  stream, group=group)
+        t_fp8 = _median_event_us(lambda: buf.dispatch((x_fp8, scales), handle=handle,
+                                                      config=cfg_d), stream, group=group)
+        t_comb = _median_event_us(lambda: buf.combine(recv_x, handle, config=cfg_c), stream,
+                                  group=group)
+        bf16_row, fp8_row = hidden * 2, hidden + hidden // 128 * 4
+        for name, t, row in (("dispatch BF16", t_bf16, bf16_row), ("dispatch FP8", t_fp8, fp8_row),
+                             ("combine BF16", t_comb, bf16_row)):
+            rows[f"{name}, us"] = t
+            rows[f"{name}, logical GB/s"] = n_recv * row / t / 1e3
+            rows[f"{name}, NVLink (remote rows) GB/s"] = n_remote * row / t / 1e3
+        rows["received rows (local + remote)"] = float(n_recv)
+        rows["remote rows"] = float(n_remote)
+        if R > 1:
+            # NVLink limit: copy engine, this rank's GPU -> the next rank's IPC buffer, all ranks
+            # at once (the same both-ways load as an all-to-all).
+            ipc = buf._ipc
+            peer = ipc.ptrs[(rank + 1) % R]
+            n = 64 << 20
+            src = cp.empty(n, dtype=cp.uint8)
+            t_copy = _median_event_us(
+                lambda: cp.cuda.runtime.memcpyAsync(peer, src.data.ptr, n, 3, stream.ptr),
+                stream, group=group)
+            rows["NVLink copy engine, one way per GPU (all GPUs sending), GB/s"] = n / t_copy / 1e3
+            rows.update(_nccl_all_to_all(group, cp.asnumpy(per_rank), hidden, stream))
+    group.barrier()
+    buf.destroy()
+    return rows
+
+
+def _nccl_all_to_all(group, tokens_to_rank, hidden, stream):
+    """NCCL all-to-all (torch.distributed) moving the same BF16 rows as dispatch: each rank
+    sends ``tokens_to_rank[r]`` rows to rank r. Skipped (empty) when torch is missing."""
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError:
+        return {}
+    import os
+    import tempfile
+
+    import cupy as cp
+
+    R, rank = group.size, group.rank
+    path = group.broadcast_bytes(tempfile.mktemp(prefix="numba_ep_nccl_").encode()
+                                 if rank == 0 else None, root=0).decode()
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    torch.cuda.set_device(cp.cuda.Device().id)
+    dist.init_process_group("nccl", init_method=f"file://{path}", rank=rank, world_size=R)
+    try:
+        counts = [b for b in group.allgather_bytes(np.asarray(tokens_to_rank, np.int64).tobytes())]
+        recv_counts = [int(np.frombuffer(c, np.int64)[rank]) for c in counts]
+        send = torch.empty((int(sum(tokens_to_rank)), hidden), dtype=torch.bfloat16, device="cuda")
+        recv = torch.empty((sum(recv_counts), hidden), dtype=torch.bfloat16, device="cuda")
+        in_splits = [int(v) for v in tokens_to_rank]
+        ts = torch.cuda.Stream()
+        times = []
+        with torch.cuda.stream(ts):
+            for i in range(25):
+                torch.cuda.synchronize()
+                dist.barrier()
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                dist.all_to_all_single(recv, send, recv_counts, in_splits)
+                e1.record()
+                e1.synchronize()
+                if i >= 5:
+                    times.append(e0.elapsed_time(e1) * 1e3)
+        t = statistics.median(times)
+        return {"NCCL all-to-all (torch), same BF16 rows, us": t,
+                "NCCL all-to-all, logical GB/s": sum(recv_counts) * hidden * 2 / t / 1e3}
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_intranode(ranks=None):
+    from numba_ep.__main__ import gpu_count
+    from numba_ep.group import spawn
+
+    n = ranks or gpu_count()
+    results = spawn(intranode_rank, n)
+    rows = {"ranks": float(n)}
+    for k in results[0]:
+        vals = [r[k] for r in results]
+        rows[k] = statistics.mean(vals) if "GB/s" in k or "rows" in k else max(vals)
+    rows["DeepEP V1 2xH100: dispatch BF16 / FP8 / combine, us"] = "356 / 253 / 414"
+    return rows
