@@ -62,3 +62,18 @@ def test_ring_layout_sizes():
     assert I.nvl_bytes_needed(2, 12, 256, 14336, 16, 56) > lay.total_bytes
     with pytest.raises(ValueError, match="16-byte"):
         I.RingLayout(2, 12, 256, 14338, 8, 56)
+
+
+def test_ballot_mask_is_not_sign_extended(sm90):
+    """Regression: a warp ballot is a signed 32-bit value in numba; widening it as is turned
+    lane 31's bit into 32 phantom selected tokens (seen on H100 as rows overwritten with tokens
+    past the end of the input)."""
+    import re
+
+    R, C, N, row16, K, S, L = 2, 1, 64, 32, 2, 0, 4
+    lay = I.RingLayout(R, C, N, row16 * 16, K, S)
+    ptx = _ptx(I.make_dispatch(R, C, N, row16, K, S, L, **lay.constants()), I.DISPATCH_SIG)
+    regs = re.findall(r"vote\.sync\.ballot\.b32\s+(%r\d+)", ptx)
+    assert regs
+    for r in regs:
+        assert not re.search(r"cvt\.s64\.s32\s+%rd\d+,\s*" + re.escape(r) + r";", ptx), r

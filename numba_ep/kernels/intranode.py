@@ -380,11 +380,13 @@ def make_dispatch(num_ranks, num_channels, num_recv_slots, row16, num_topk, num_
                                                    ptx.globaltimer() - start)
                                     break
                         cached_head = cuda.shfl_sync(0xFFFFFFFF, cached_head, 0)
-                    m = mask
+                    # The ballot comes back as a signed 32-bit value; widened as is, lane 31's bit
+                    # would sign-extend into 32 phantom "selected" lanes. Keep the low 32 bits.
+                    m = uint64(mask) & uint64(0xFFFFFFFF)
                     k = int32(0)
                     while m != 0:
                         i = cuda.ffs(m) - 1          # next selected lane
-                        m &= m - uint32(1)
+                        m &= m - uint64(1)
                         p = pos + k
                         k += 1
                         if p % WPG != wg:
