@@ -76,4 +76,7 @@ def test_ballot_mask_is_not_sign_extended(sm90):
     regs = re.findall(r"vote\.sync\.ballot\.b32\s+(%r\d+)", ptx)
     assert regs
     for r in regs:
-        assert not re.search(r"cvt\.s64\.s32\s+%rd\d+,\s*" + re.escape(r) + r";", ptx), r
+        # Every sign-extending widening of the ballot must be masked back to its low 32 bits.
+        for wide in re.findall(r"cvt\.s64\.s32\s+(%rd\d+),\s*" + re.escape(r) + r";", ptx):
+            assert re.search(r"and\.b64\s+%rd\d+,\s*" + re.escape(wide) + r",\s*4294967295;",
+                             ptx), (r, wide)
