@@ -75,8 +75,5 @@ def test_ballot_mask_is_not_sign_extended(sm90):
     ptx = _ptx(I.make_dispatch(R, C, N, row16, K, S, L, **lay.constants()), I.DISPATCH_SIG)
     regs = re.findall(r"vote\.sync\.ballot\.b32\s+(%r\d+)", ptx)
     assert regs
-    for r in regs:
-        # Every sign-extending widening of the ballot must be masked back to its low 32 bits.
-        for wide in re.findall(r"cvt\.s64\.s32\s+(%rd\d+),\s*" + re.escape(r) + r";", ptx):
-            assert re.search(r"and\.b64\s+%rd\d+,\s*" + re.escape(wide) + r",\s*4294967295;",
-                             ptx), (r, wide)
+    # The token walk must see the ballot zero-extended (the buggy build only sign-extended it).
+    assert any(re.search(r"cvt\.u64\.u32\s+%rd\d+,\s*" + re.escape(r) + r";", ptx) for r in regs)
