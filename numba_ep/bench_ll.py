@@ -92,8 +92,12 @@ def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_expert
             x = cupy.asarray(_bf16_bits(rng.standard_normal((T, H)) * 0.1))
             topk = cupy.asarray(random_topk(rng, T, K, E))
             weights = cupy.asarray(rng.random((T, K), dtype=np.float32))
-            y = cupy.asarray(_bf16_bits(rng.standard_normal((ctx.num_local_experts, R * M, H))
-                                        * 0.1))
+            # expert outputs [L, R*M, H]: made on the device (1 GB of float32 at the default size)
+            cupy.random.seed(seed + rank)
+            u = (cupy.random.standard_normal((ctx.num_local_experts, R * M, H), dtype=cupy.float32)
+                 * 0.1).view(cupy.uint32)
+            y = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(cupy.uint16)  # round to bf16
+            del u
         valid = int((cupy.asnumpy(topk) >= 0).sum())
 
         def run(timed, hooks):

@@ -60,7 +60,9 @@ class FakeArray:
 
 
 def build(spec):
-    """(ptx text, cubin bytes) of one kernel specification: numba -> PTX -> ptxas."""
+    """(ptx text, cubin bytes) of one kernel specification: numba -> PTX -> ptxas. Also checks
+    ptxas's report: no register spills, and at most 128 registers a thread (the kernels run
+    512-thread blocks: 65536 registers / 512)."""
     from cuda.core import Linker, LinkerOptions, ObjectCode
     from numba import cuda
 
@@ -69,8 +71,15 @@ def build(spec):
     factory, sig, constants = spec
     text, _ = cuda.compile(factory(**constants), parse_signature(sig), device=False, cc=CC,
                            output="ptx", abi="numba")
-    linker = Linker(ObjectCode.from_ptx(text.encode()), options=LinkerOptions(arch="sm_90"))
-    return text, bytes(linker.link("cubin").code)
+    linker = Linker(ObjectCode.from_ptx(text.encode()),
+                    options=LinkerOptions(arch="sm_90", verbose=True))
+    cubin = bytes(linker.link("cubin").code)
+    log = linker.get_info_log() or ""
+    regs = [int(v) for v in re.findall(r"Used (\d+) registers", log)]
+    spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    assert regs and max(regs) <= 128, f"{factory.__name__}: registers {regs}"
+    assert not any(spills), f"{factory.__name__}: register spills\n{log}"
+    return text, cubin
 
 
 def uses_local_memory(text):
@@ -116,6 +125,7 @@ def test_dispatch_recv(sm90):
     text, _ = build(recv)
     assert_has(text, I["ld_acquire_sys_i32"], I["globaltimer"], I["st_release_sys_u64"],
                I["ld_v4"], I["st_na_v4"], I["atomic_add_gpu_i32"])
+    assert not uses_local_memory(text)
     _, recv = ll.dispatch_kernels(fake_ctx(R=2, M=32, H=640, E=12), 5, use_fp8=True)
     build(recv)
 

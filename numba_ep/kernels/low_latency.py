@@ -159,53 +159,48 @@ else:
 # ---------------------------------------------------------------------------------------------
 
 @cuda.jit(device=True, inline=True)
-def _wcopy16(dst, src, n16, lane):
-    """Warp copy of ``n16`` 16-byte vectors, coherent loads (data written earlier by this block
-    or acquired from a peer), four in flight per lane, no-allocate stores."""
-    i = lane
-    while i + 96 < n16:
-        a0, a1, a2, a3 = ptx.ld_v4(src + uint64(i * 16))
-        b0, b1, b2, b3 = ptx.ld_v4(src + uint64((i + 32) * 16))
-        c0, c1, c2, c3 = ptx.ld_v4(src + uint64((i + 64) * 16))
-        d0, d1, d2, d3 = ptx.ld_v4(src + uint64((i + 96) * 16))
-        ptx.st_na_v4(dst + uint64(i * 16), a0, a1, a2, a3)
-        ptx.st_na_v4(dst + uint64((i + 32) * 16), b0, b1, b2, b3)
-        ptx.st_na_v4(dst + uint64((i + 64) * 16), c0, c1, c2, c3)
-        ptx.st_na_v4(dst + uint64((i + 96) * 16), d0, d1, d2, d3)
-        i += 128
-    while i < n16:
-        a0, a1, a2, a3 = ptx.ld_v4(src + uint64(i * 16))
-        ptx.st_na_v4(dst + uint64(i * 16), a0, a1, a2, a3)
-        i += 32
+def _wcopy16(dst, src, i0, i1, lane):
+    """Warp copy of the 16-byte vectors ``[i0, i1)`` with coherent loads (data written earlier
+    by this block, or acquired from a peer) and no-allocate stores. Each lane issues eight
+    predicated loads before its first store, so a 7 KB message costs two memory round trips
+    instead of one per vector; the eight vectors stay in registers."""
+    buf = cuda.local.array((8, 4), uint32)
+    base = i0
+    while base < i1:
+        for q in range(8):
+            i = base + q * 32 + lane
+            if i < i1:
+                a0, a1, a2, a3 = ptx.ld_v4(src + uint64(i * 16))
+                buf[q, 0] = a0
+                buf[q, 1] = a1
+                buf[q, 2] = a2
+                buf[q, 3] = a3
+        for q in range(8):
+            i = base + q * 32 + lane
+            if i < i1:
+                ptx.st_na_v4(dst + uint64(i * 16), buf[q, 0], buf[q, 1], buf[q, 2], buf[q, 3])
+        base += 256
 
 
 @cuda.jit(device=True, inline=True)
 def _wcopy16_nc(dst, src, i0, i1, lane):
-    """Warp copy of vectors ``[i0, i1)`` from read-only input memory (non-coherent loads), eight
-    in flight per lane."""
-    i = i0 + lane
-    while i + 224 < i1:
-        a0, a1, a2, a3 = ptx.ld_nc_v4(src + uint64(i * 16))
-        b0, b1, b2, b3 = ptx.ld_nc_v4(src + uint64((i + 32) * 16))
-        c0, c1, c2, c3 = ptx.ld_nc_v4(src + uint64((i + 64) * 16))
-        d0, d1, d2, d3 = ptx.ld_nc_v4(src + uint64((i + 96) * 16))
-        e0, e1, e2, e3 = ptx.ld_nc_v4(src + uint64((i + 128) * 16))
-        f0, f1, f2, f3 = ptx.ld_nc_v4(src + uint64((i + 160) * 16))
-        g0, g1, g2, g3 = ptx.ld_nc_v4(src + uint64((i + 192) * 16))
-        h0, h1, h2, h3 = ptx.ld_nc_v4(src + uint64((i + 224) * 16))
-        ptx.st_na_v4(dst + uint64(i * 16), a0, a1, a2, a3)
-        ptx.st_na_v4(dst + uint64((i + 32) * 16), b0, b1, b2, b3)
-        ptx.st_na_v4(dst + uint64((i + 64) * 16), c0, c1, c2, c3)
-        ptx.st_na_v4(dst + uint64((i + 96) * 16), d0, d1, d2, d3)
-        ptx.st_na_v4(dst + uint64((i + 128) * 16), e0, e1, e2, e3)
-        ptx.st_na_v4(dst + uint64((i + 160) * 16), f0, f1, f2, f3)
-        ptx.st_na_v4(dst + uint64((i + 192) * 16), g0, g1, g2, g3)
-        ptx.st_na_v4(dst + uint64((i + 224) * 16), h0, h1, h2, h3)
-        i += 256
-    while i < i1:
-        a0, a1, a2, a3 = ptx.ld_nc_v4(src + uint64(i * 16))
-        ptx.st_na_v4(dst + uint64(i * 16), a0, a1, a2, a3)
-        i += 32
+    """_wcopy16 with non-coherent loads, for inputs that no kernel writes while it runs."""
+    buf = cuda.local.array((8, 4), uint32)
+    base = i0
+    while base < i1:
+        for q in range(8):
+            i = base + q * 32 + lane
+            if i < i1:
+                a0, a1, a2, a3 = ptx.ld_nc_v4(src + uint64(i * 16))
+                buf[q, 0] = a0
+                buf[q, 1] = a1
+                buf[q, 2] = a2
+                buf[q, 3] = a3
+        for q in range(8):
+            i = base + q * 32 + lane
+            if i < i1:
+                ptx.st_na_v4(dst + uint64(i * 16), buf[q, 0], buf[q, 1], buf[q, 2], buf[q, 3])
+        base += 256
 
 
 @cuda.jit(device=True, inline=True)
@@ -483,7 +478,7 @@ def make_dispatch_send(num_ranks, num_experts, hidden, num_topk, max_tokens, use
                         peer = bufs[dst]
                         if peer != 0:
                             if vec16:
-                                _wcopy16(peer + uint64(off), msg, N16, lane)
+                                _wcopy16(peer + uint64(off), msg, 0, N16, lane)
                             else:
                                 _wcopy4(peer + uint64(off), msg, 0, N4, lane)
                         elif use_nvshmem:
@@ -492,10 +487,15 @@ def make_dispatch_send(num_ranks, num_experts, hidden, num_topk, max_tokens, use
                 k += WARPS
             t += cuda.gridDim.x
 
-        # 3. The last block to finish publishes the counts (every message was stored first).
-        ptx.fence_acq_rel_sys()
+        # 3. The last block to finish publishes the counts. Release chain: every thread's
+        #    stores -> fence -> block barrier -> thread 0's fence + ticket atomic -> the last
+        #    block's ticket (it sees all G increments) -> barrier, fence -> zero the other half
+        #    -> barrier, fence -> one relaxed system-scope store per count (fence + strong store
+        #    = release); the receiver's ld.acquire.sys pairs with it.
+        ptx.fence_acq_rel_sys()      # each thread's stores are complete system-wide
         cuda.syncthreads()
         if tid == 0:
+            ptx.fence_acq_rel_sys()  # after the barrier: covers the whole block, then the ticket
             done = ptx.atomic_add_gpu_i32(ws_addr, 1)
             last[0] = 1 if done == cuda.gridDim.x - 1 else 0
         cuda.syncthreads()
@@ -603,7 +603,7 @@ def make_dispatch_recv(num_ranks, num_experts, hidden, max_tokens, use_fp8, use_
                 slot = base + uint64(recv_off + (int64(le * R + src) * M + (j - pre[src])) * MSG)
                 row = int64(le) * RM + j
                 if vec16:
-                    _wcopy16(out_x + uint64(row * ROWB), slot + uint64(16), DATA16, lane)
+                    _wcopy16(out_x + uint64(row * ROWB), slot + uint64(16), 0, DATA16, lane)
                 else:
                     _wcopy4(out_x + uint64(row * ROWB), slot + uint64(16), 0, DATA4, lane)
                 if lane == 0:
@@ -749,8 +749,7 @@ def make_combine_send(num_ranks, num_experts, hidden, max_tokens, use_logfmt, ze
                     i0 = c * CH16
                     i1 = min(i0 + CH16, ROW16)
                     if zero_copy:
-                        _wcopy16(peer + uint64(slot_off + i0 * 16), src_row + uint64(i0 * 16),
-                                 i1 - i0, lane)
+                        _wcopy16(peer + uint64(slot_off), src_row, i0, i1, lane)
                     else:
                         _wcopy16_nc(peer + uint64(slot_off), src_row, i0, i1, lane)
                 else:
@@ -771,9 +770,10 @@ def make_combine_send(num_ranks, num_experts, hidden, max_tokens, use_logfmt, ze
             u += cuda.gridDim.x * WARPS
 
         # 3. The last block: zero the other half's signals, then flag[me] = 1 at every rank.
-        ptx.fence_acq_rel_sys()
+        ptx.fence_acq_rel_sys()      # each thread's stores are complete system-wide
         cuda.syncthreads()
         if tid == 0:
+            ptx.fence_acq_rel_sys()  # after the barrier: covers the whole block, then the ticket
             done = ptx.atomic_add_gpu_i32(ws_addr, 1)
             last[0] = 1 if done == cuda.gridDim.x - 1 else 0
         cuda.syncthreads()
