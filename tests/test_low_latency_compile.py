@@ -302,7 +302,8 @@ def test_logfmt_codes_of_the_device_formula_match_reference():
     p = ref.logfmt10_params(enc.amax, enc.amin)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         lg = _device_log2(np.maximum(mag, 1))
-        t = ((lg - p.log_amin[..., None]).astype(np.float32) * p.inv_step[..., None]).astype(np.float32)
+        diff = (lg - p.log_amin[..., None]).astype(np.float32)
+        t = (diff * p.inv_step[..., None]).astype(np.float32)
         r = np.rint(t)
         c = np.where((mag == 0) | ~(r > -1), 0, 1 + np.minimum(r, 510))
     c = np.nan_to_num(c).astype(np.int64)

@@ -58,9 +58,17 @@ Why the zeroing is safe: call i uses half h and zeroes the other half before rel
 counts/flags; a peer writes into that other half only in call i+1, which it starts only after its
 call-i receive acquired those very counts/flags. Every receive phase waits for ALL of its words
 (even with 0 tokens), so no late write from call i can land after call i+1 zeroed the half.
-Consequences: all ranks make the same sequence of calls; a receive hook must run before the next
-call's send phase; a CUDA graph should capture dispatch/combine in pairs (each call flips the
-host's half index; replays reuse the captured halves).
+Consequences (the rules of use):
+  - all ranks make the same sequence of low-latency calls with the same M, H, E;
+  - a receive hook must run before the next call's send phase (DeepEP has the same rule);
+  - one context's calls go to one stream, or to streams ordered by events (the send kernels of
+    two calls share the workspace ticket);
+  - a CUDA graph should capture dispatch/combine in pairs: each call flips the host's half
+    index, and replays reuse the captured halves;
+  - a token that lists one expert twice gets two rows in dispatch, but in combine both rows land
+    in the same slot (e, t), so the token sums one of them twice (torch.topk never repeats);
+  - more than M (token, slot) hits on one expert from one rank (possible only with repeats) are
+    dropped and counted as M.
 
 Send and receive are two launches, always (``return_recv_hook=False`` launches both back to
 back). Costs and reasons: one more kernel boundary, about 1-3 us of GPU time when the host keeps
@@ -70,6 +78,14 @@ co-residency, no cooperative launch, no cudadevrt link for a grid sync), and a h
 whenever the caller likes. The alternative (one cooperative launch with a grid-wide sync between
 the phases, DeepEP's default) saves the boundary but forces every block to be resident and keeps
 the SMs busy while waiting for peers.
+
+Synchronisation inside a send kernel without waiting: every block, after its stores, fences
+and takes a ticket (an atomic on the workspace); the block that draws the last ticket knows all
+stores of the kernel are complete, so it alone zeroes the other half and publishes the counts
+(dispatch: per expert, read from the slot counters it then resets) or the flags (combine), with
+a fence then relaxed system-scope stores (a release) that the receivers' ld.acquire.sys pair
+with. Cost: one fence per thread and one atomic per block, ~1-2 us on the critical path, and no
+block ever waits for another (DeepEP instead spins per expert on a finish counter).
 
 NVSHMEM path: a peer whose ``peer_ptrs`` entry is 0 (not NVLink-mapped, e.g. on another node) is
 reached with ``nvshmemx_uint8_put_nbi_warp`` from the send buffer (dispatch messages live there
@@ -93,8 +109,6 @@ Byte count and expected time of the benchmark (T=128, H=7168, K=8, E=288, R=2 H1
     41-43 us). LogFMT cuts the NVLink bytes to ~9.2 KB per row when most divisions encode.
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
@@ -372,11 +386,15 @@ def _logfmt_pack8(a, b, c, d, lmin, inv_step, tab):
     m7 = _logfmt_code(d >> uint32(16), lmin, inv_step, tab)
     lo |= uint64(m7 & 1) << uint64(63)
     hi = int32(m7 >> 1)
-    signs = int32((a >> uint32(15)) & uint32(1)) | (int32((a >> uint32(31)) & uint32(1)) << 1)
-    signs |= (int32((b >> uint32(15)) & uint32(1)) << 2) | (int32((b >> uint32(31)) & uint32(1)) << 3)
-    signs |= (int32((c >> uint32(15)) & uint32(1)) << 4) | (int32((c >> uint32(31)) & uint32(1)) << 5)
-    signs |= (int32((d >> uint32(15)) & uint32(1)) << 6) | (int32((d >> uint32(31)) & uint32(1)) << 7)
+    # sign of value i = bit 15 of its bf16: bits 15 and 31 of each word
+    signs = _sign_pair(a) | (_sign_pair(b) << 2) | (_sign_pair(c) << 4) | (_sign_pair(d) << 6)
     return lo, hi, signs
+
+
+@cuda.jit(device=True, inline=True)
+def _sign_pair(w):
+    """The sign bits of the two bf16 in a word, low value first, as a 2-bit int32."""
+    return int32((w >> uint32(15)) & uint32(1)) | (int32((w >> uint32(31)) & uint32(1)) << 1)
 
 
 @cuda.jit(device=True, inline=True)

@@ -20,7 +20,9 @@ fixture; NVSHMEM is initialised in each rank with NVSHMEM_DISABLE_NVLS=1):
 Kernels are compiled once, in parallel, before the ranks start (the ``compiled`` fixture), so
 the ranks only load cubins. Expected wall time on 2 H100s: ~2-3 minutes cold, ~1.5 warm.
 
-Run: ``pytest tests/gpu/test_low_latency_gpu.py -v`` (``-m "gpu and not multigpu"`` on 1 GPU).
+Run on the GPU machine, from the repository root:
+``source .device-bundle/activate && python -m pytest tests/gpu/test_low_latency_gpu.py -v -s``
+(on one GPU the EP2 tests skip; ``-s`` shows the benchmark numbers).
 """
 import os
 import sys
