@@ -135,25 +135,33 @@ def channel_range(num_tokens, num_channels, c):
 
 
 @cuda.jit(device=True, inline=True)
-def copy_row(dst, src, n16, lane):
+def _ld16(addr, immutable):
+    if immutable:
+        return ptx.ld_nc_v4(addr)
+    return ptx.ld_volatile_v4(addr)
+
+
+@cuda.jit(device=True, inline=True)
+def copy_row(dst, src, n16, lane, immutable):
     """Warp-wide copy of ``n16`` 16-byte vectors, four loads in flight per lane.
 
-    ``src`` is read with volatile loads: ring slots are rewritten by a peer while this SM may still
-    hold an older copy of the line in L1.
+    ``immutable`` sources (the caller's x, read-only for the whole kernel) use the non-coherent
+    path with no L1 allocation; ring slots are rewritten by a peer while this SM may still hold an
+    older copy of the line in L1, so they are read with volatile loads.
     """
     i = lane
     while i + 96 < n16:
-        a0, a1, a2, a3 = ptx.ld_volatile_v4(src + uint64(i * 16))
-        b0, b1, b2, b3 = ptx.ld_volatile_v4(src + uint64((i + 32) * 16))
-        c0, c1, c2, c3 = ptx.ld_volatile_v4(src + uint64((i + 64) * 16))
-        d0, d1, d2, d3 = ptx.ld_volatile_v4(src + uint64((i + 96) * 16))
+        a0, a1, a2, a3 = _ld16(src + uint64(i * 16), immutable)
+        b0, b1, b2, b3 = _ld16(src + uint64((i + 32) * 16), immutable)
+        c0, c1, c2, c3 = _ld16(src + uint64((i + 64) * 16), immutable)
+        d0, d1, d2, d3 = _ld16(src + uint64((i + 96) * 16), immutable)
         ptx.st_na_v4(dst + uint64(i * 16), a0, a1, a2, a3)
         ptx.st_na_v4(dst + uint64((i + 32) * 16), b0, b1, b2, b3)
         ptx.st_na_v4(dst + uint64((i + 64) * 16), c0, c1, c2, c3)
         ptx.st_na_v4(dst + uint64((i + 96) * 16), d0, d1, d2, d3)
         i += 128
     while i < n16:
-        a0, a1, a2, a3 = ptx.ld_volatile_v4(src + uint64(i * 16))
+        a0, a1, a2, a3 = _ld16(src + uint64(i * 16), immutable)
         ptx.st_na_v4(dst + uint64(i * 16), a0, a1, a2, a3)
         i += 32
 
@@ -398,7 +406,7 @@ def make_dispatch(num_ranks, num_channels, num_recv_slots, row16, num_topk, num_
                         else:
                             row = int64(ring + p % N)
                             dst_x = peer + uint64(off_x + row * ROW)
-                        copy_row(dst_x, x_addr + uint64(tok * ROW), H16, lane)
+                        copy_row(dst_x, x_addr + uint64(tok * ROW), H16, lane, True)
                         if lane == 0:
                             if local:
                                 ptx.ptr_i32(rsrc_addr)[row] = int32(tok)
@@ -463,7 +471,7 @@ def make_dispatch(num_ranks, num_channels, num_recv_slots, row16, num_topk, num_
                         slot = int64(ring + p % N)
                         row = int64(base + p)
                         copy_row(rx_addr + uint64(row * ROW), mine + uint64(off_x + slot * ROW),
-                                 H16, lane)
+                                 H16, lane, False)
                         if lane == 0:
                             ptx.ptr_i32(rsrc_addr)[row] = ptx.ld_volatile_i32(
                                 mine + uint64(off_src + 4 * slot))
@@ -575,7 +583,7 @@ def make_combine(num_ranks, num_channels, num_recv_slots, row16, num_topk, off_t
                         row = int64(start + p)
                         slot = int64(ring + p % N)
                         copy_row(peer + uint64(off_x + slot * ROW), x_addr + uint64(row * ROW),
-                                 H16, lane)
+                                 H16, lane, True)
                         if K > 0 and lane < K:
                             ptx.ptr_f32(peer + uint64(off_weight))[slot * K + lane] = \
                                 ptx.ptr_f32(w_addr)[row * K + lane]

@@ -91,6 +91,8 @@ def dispatch_combine_round_trip(group, num_tokens, hidden, num_experts, num_topk
         got_x = cp.asnumpy(out).view(ml_dtypes.bfloat16).astype(np.float32)
         diff = reference.calc_diff(got_x, want_x.astype(np.float32))
         assert diff < 5e-6, diff
-        assert np.abs(got_x - want_x.astype(np.float32)).max() <= 1e-2 * (np.abs(got_x).max() + 1)
+        if got_x.size:
+            assert (np.abs(got_x - want_x.astype(np.float32)).max()
+                    <= 1e-2 * (np.abs(got_x).max() + 1))
         assert reference.calc_diff(cp.asnumpy(out_w), want_w) < 1e-9
     return n_recv
