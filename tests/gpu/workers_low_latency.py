@@ -383,8 +383,8 @@ def ll_matrix(group):
 def ll_repeat(group, iterations=100, full_every=10):
     """``iterations`` dispatch+combine pairs in a row (the halves alternate every call), with
     fresh inputs and varying options; every ``full_every``-th is checked against the reference,
-    the others by counts, layout and end to end. Also two dispatches in a row, then a combine of
-    the second (buffer flipping by an odd number of calls)."""
+    the others by counts, layout and end to end. Then an odd number of calls (an extra
+    dispatch), then clean_low_latency_buffer and one more checked round."""
     env = Env(group, ["A"])
     try:
         variants = [dict(), dict(use_fp8=False), dict(round_scale=True),
@@ -406,6 +406,12 @@ def ll_repeat(group, iterations=100, full_every=10):
             ll.low_latency_dispatch(ctx, cupy.asarray(bits), cupy.asarray(topk), stream=env.stream)
         env.stream.synchronize()
         one_round(env, "A", seed=99, masked=3)
+        # clean (collective: NVSHMEM barriers around the zeroing) restarts the sequence at half 0
+        ll.clean_low_latency_buffer(ctx, env.stream)
+        env.stream.synchronize()
+        assert ctx.buffer_idx == 0
+        assert int(cupy.count_nonzero(ctx.workspace)) == 0
+        one_round(env, "A", seed=98, masked=3, round_scale=True)
         return {"iterations": iterations, "half": ctx.buffer_idx}
     finally:
         env.close()
