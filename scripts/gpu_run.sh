@@ -21,7 +21,7 @@ if [ -z "${SKIP_CHECK:-}" ]; then
   summary+=("nvshmem check: $(tail -1 "$OUT/run.log")")
 fi
 if [ "${tests[0]}" != "none" ]; then
-  timeout 420 python3 -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/junit.xml" "${tests[@]}" > "$OUT/pytest.log" 2>&1
+  timeout ${PYTEST_TIMEOUT:-420} python3 -m pytest -q -rs -p no:cacheprovider --junitxml="$OUT/junit.xml" "${tests[@]}" > "$OUT/pytest.log" 2>&1
   summary+=("pytest (${tests[*]}): $(tail -1 "$OUT/pytest.log")")
 fi
 for b in "${benches[@]}"; do
