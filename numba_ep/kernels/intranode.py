@@ -514,19 +514,20 @@ COMBINE_SIG = ("void(uint64, int32, int32, uint64, uint64, uint64, uint64, uint6
 
 
 @cuda.jit(device=True, inline=True)
-def _add_bf16x8(acc, a, b, c, d):
+def _add_bf16x8(acc, u, a, b, c, d):
+    """acc[u, 0:8] += the eight bf16 values packed in a, b, c, d (low half first)."""
     lo, hi = ptx.bf16x2_to_f32x2(a)
-    acc[0] += lo
-    acc[1] += hi
+    acc[u, 0] += lo
+    acc[u, 1] += hi
     lo, hi = ptx.bf16x2_to_f32x2(b)
-    acc[2] += lo
-    acc[3] += hi
+    acc[u, 2] += lo
+    acc[u, 3] += hi
     lo, hi = ptx.bf16x2_to_f32x2(c)
-    acc[4] += lo
-    acc[5] += hi
+    acc[u, 4] += lo
+    acc[u, 5] += hi
     lo, hi = ptx.bf16x2_to_f32x2(d)
-    acc[6] += lo
-    acc[7] += hi
+    acc[u, 6] += lo
+    acc[u, 7] += hi
 
 
 def make_combine(num_ranks, num_channels, num_recv_slots, row16, num_topk, off_tail, off_head,
@@ -537,6 +538,7 @@ def make_combine(num_ranks, num_channels, num_recv_slots, row16, num_topk, off_t
     R, C, N, H16, K = num_ranks, num_channels, num_recv_slots, row16, num_topk
     WPG = WARPS // R
     ROW = H16 * 16
+    U = 4 if R <= 4 else 2  # columns per lane per step (registers: U * (8 + 4) per lane)
 
     def combine(bufs_addr, rank, num_tokens, x_addr, w_addr, bias0_addr, bias1_addr,
                 rank_prefix_addr, recv_chan_prefix_addr, send_head_addr, out_addr, out_w_addr,
@@ -596,7 +598,9 @@ def make_combine(num_ranks, num_channels, num_recv_slots, row16, num_topk, off_t
             # Receiver: my tokens of channel c in order, one per warp per round.
             t0, t1 = channel_range(num_tokens, C, c)
             local_base = prefix_before(rank_prefix, rank, rank, R) + recv_chan_prefix[rank * C + c]
-            acc = cuda.local.array(8, float32)
+            acc = cuda.local.array((U, 8), float32)
+            vals = cuda.local.array((U, 4), uint32)
+            srcs = cuda.shared.array((WARPS, MAX_RANKS), uint64)
             b0 = t0
             while b0 < t1:
                 t = b0 + warp
@@ -615,31 +619,62 @@ def make_combine(num_ranks, num_channels, num_recv_slots, row16, num_topk, off_t
                                     break
                                 seen = ptx.ld_acquire_sys_i32(tail_addr)
                     cuda.syncwarp(0xFFFFFFFF)
-                    j = lane
-                    while j < H16:
-                        for q in range(8):
-                            acc[q] = float32(0)
-                        if bias0_addr != 0:
-                            a0, a1, a2, a3 = ptx.ld_v4(bias0_addr + uint64((int64(t) * H16 + j) * 16))
-                            _add_bf16x8(acc, a0, a1, a2, a3)
-                        if bias1_addr != 0:
-                            a0, a1, a2, a3 = ptx.ld_v4(bias1_addr + uint64((int64(t) * H16 + j) * 16))
-                            _add_bf16x8(acc, a0, a1, a2, a3)
+                    # Where each rank's copy of row t lives (0 = that rank does not hold it).
+                    for d in range(R):
+                        s = cuda.shfl_sync(0xFFFFFFFF, slot, d)
+                        srcs[warp, d] = uint64(0)
+                        if s >= 0:
+                            if d == rank:
+                                srcs[warp, d] = x_addr + uint64(int64(local_base + s) * ROW)
+                            else:
+                                srcs[warp, d] = mine + uint64(
+                                    off_x + int64((c * R + d) * N + s % N) * ROW)
+                    # U columns of 16 B per lane per step: U * R independent loads in flight
+                    # before the first add, instead of one round trip per column.
+                    j0 = lane
+                    while j0 < H16:
+                        for u in range(U):
+                            for q in range(8):
+                                acc[u, q] = float32(0)
+                        for u in range(U):
+                            j = j0 + 32 * u
+                            if j < H16:
+                                if bias0_addr != 0:
+                                    a0, a1, a2, a3 = ptx.ld_nc_v4(
+                                        bias0_addr + uint64((int64(t) * H16 + j) * 16))
+                                    _add_bf16x8(acc, u, a0, a1, a2, a3)
+                                if bias1_addr != 0:
+                                    a0, a1, a2, a3 = ptx.ld_nc_v4(
+                                        bias1_addr + uint64((int64(t) * H16 + j) * 16))
+                                    _add_bf16x8(acc, u, a0, a1, a2, a3)
                         for d in range(R):
-                            s = cuda.shfl_sync(0xFFFFFFFF, slot, d)
-                            if s >= 0:
-                                if d == rank:
-                                    src = x_addr + uint64((int64(local_base + s) * H16 + j) * 16)
-                                    a0, a1, a2, a3 = ptx.ld_v4(src)
-                                else:
-                                    src = mine + uint64(off_x + (int64((c * R + d) * N + s % N)
-                                                                 * H16 + j) * 16)
-                                    a0, a1, a2, a3 = ptx.ld_volatile_v4(src)
-                                _add_bf16x8(acc, a0, a1, a2, a3)
-                        ptx.st_na_v4(out_addr + uint64((int64(t) * H16 + j) * 16),
-                                     ptx.cvt_bf16x2(acc[0], acc[1]), ptx.cvt_bf16x2(acc[2], acc[3]),
-                                     ptx.cvt_bf16x2(acc[4], acc[5]), ptx.cvt_bf16x2(acc[6], acc[7]))
-                        j += 32
+                            base_d = srcs[warp, d]
+                            if base_d != 0:
+                                for u in range(U):
+                                    j = j0 + 32 * u
+                                    if j < H16:
+                                        if d == rank:
+                                            a0, a1, a2, a3 = ptx.ld_nc_v4(base_d + uint64(j * 16))
+                                        else:
+                                            a0, a1, a2, a3 = ptx.ld_volatile_v4(
+                                                base_d + uint64(j * 16))
+                                        vals[u, 0] = a0
+                                        vals[u, 1] = a1
+                                        vals[u, 2] = a2
+                                        vals[u, 3] = a3
+                                for u in range(U):
+                                    if j0 + 32 * u < H16:
+                                        _add_bf16x8(acc, u, vals[u, 0], vals[u, 1], vals[u, 2],
+                                                    vals[u, 3])
+                        for u in range(U):
+                            j = j0 + 32 * u
+                            if j < H16:
+                                ptx.st_na_v4(out_addr + uint64((int64(t) * H16 + j) * 16),
+                                             ptx.cvt_bf16x2(acc[u, 0], acc[u, 1]),
+                                             ptx.cvt_bf16x2(acc[u, 2], acc[u, 3]),
+                                             ptx.cvt_bf16x2(acc[u, 4], acc[u, 5]),
+                                             ptx.cvt_bf16x2(acc[u, 6], acc[u, 7]))
+                        j0 += 32 * U
                     if K > 0 and out_w_addr != 0:
                         # Lane k sums weight k over every rank that held the token.
                         wsum = float32(0)
