@@ -5,21 +5,8 @@ import json
 import pytest
 
 import numba_ep  # noqa: F401
+from kernels_for_tests import make_axpy  # noqa: E402
 from numba_ep import launch
-
-
-def make_axpy(alpha):
-    from numba import cuda
-
-    from numba_ep.kernels import ptx
-
-    def axpy(y_addr, x_addr, n):
-        i = cuda.grid(1)
-        if i < n:
-            y = ptx.ptr_f32(y_addr)
-            y[i] = alpha * ptx.ptr_f32(x_addr)[i] + y[i]
-
-    return axpy
 
 
 SIG = "void(uint64, uint64, int32)"

@@ -174,6 +174,19 @@ def prefix_before(rank_prefix, src, me, R):
     return rank_prefix[(src - 1) * R + me]
 
 
+@cuda.jit(device=True, inline=True)
+def channel_block(rank_prefix, recv_chan_prefix, src, me, c, R, C):
+    """(first row, row count) in rank ``me``'s recv_x of the tokens rank ``src`` sent it in
+    channel ``c``: the rows dispatch writes there and combine sends back."""
+    before = prefix_before(rank_prefix, src, me, R)
+    start = recv_chan_prefix[src * C + c]
+    if c + 1 < C:
+        end = recv_chan_prefix[src * C + c + 1]
+    else:
+        end = rank_prefix[src * R + me] - before
+    return before + start, end - start
+
+
 # ---------------------------------------------------------------------------------------------
 # notify_dispatch
 # ---------------------------------------------------------------------------------------------
@@ -443,12 +456,7 @@ def make_dispatch(num_ranks, num_channels, num_recv_slots, row16, num_topk, num_
         elif g < R:
             src = g
             if src != rank:
-                base = prefix_before(rank_prefix, src, rank, R) + recv_chan_prefix[src * C + c]
-                if c + 1 < C:
-                    count = recv_chan_prefix[src * C + c + 1] - recv_chan_prefix[src * C + c]
-                else:
-                    count = (rank_prefix[src * R + rank] - prefix_before(rank_prefix, src, rank, R)
-                             - recv_chan_prefix[src * C + c])
+                base, count = channel_block(rank_prefix, recv_chan_prefix, src, rank, c, R, C)
                 tail_addr = mine + uint64(off_tail + 4 * (c * R + src))
                 ring = (c * R + src) * N
                 head = int32(0)
@@ -558,12 +566,7 @@ def make_combine(num_ranks, num_channels, num_recv_slots, row16, num_topk, off_t
             wg = warp % WPG
             if dst < R and dst != rank:
                 # My rows that came from dst in channel c go back into ring (c, me) of dst.
-                start = prefix_before(rank_prefix, dst, rank, R) + recv_chan_prefix[dst * C + c]
-                if c + 1 < C:
-                    count = recv_chan_prefix[dst * C + c + 1] - recv_chan_prefix[dst * C + c]
-                else:
-                    count = (rank_prefix[dst * R + rank] - prefix_before(rank_prefix, dst, rank, R)
-                             - recv_chan_prefix[dst * C + c])
+                start, count = channel_block(rank_prefix, recv_chan_prefix, dst, rank, c, R, C)
                 peer = bufs[dst]
                 ring = (c * R + rank) * N
                 head_addr = mine + uint64(off_head + 4 * (c * R + dst))

@@ -4,23 +4,10 @@ import numpy as np
 import pytest
 
 import numba_ep  # noqa: F401
+from kernels_for_tests import make_axpy  # noqa: E402
 
 from workers_foundation import (barrier_rounds, barrier_timeout, layout_full_size,  # noqa: E402
                                 nvshmem_kernel_fast_path)
-
-
-def make_axpy(alpha):
-    from numba import cuda
-
-    from numba_ep.kernels import ptx
-
-    def axpy(y_addr, x_addr, n):
-        i = cuda.grid(1)
-        if i < n:
-            y = ptx.ptr_f32(y_addr)
-            y[i] = alpha * ptx.ptr_f32(x_addr)[i] + y[i]
-
-    return axpy
 
 
 @pytest.mark.gpu

@@ -1,0 +1,20 @@
+"""Small kernels shared by several test files (CPU compile tests and GPU tests)."""
+import numba_ep  # noqa: F401
+
+
+def make_axpy(alpha):
+    """y[i] = alpha * x[i] + y[i] on float32 arrays given as addresses."""
+    from numba import cuda
+
+    from numba_ep.kernels import ptx
+
+    def axpy(y_addr, x_addr, n):
+        i = cuda.grid(1)
+        if i < n:
+            y = ptx.ptr_f32(y_addr)
+            y[i] = alpha * ptx.ptr_f32(x_addr)[i] + y[i]
+
+    return axpy
+
+
+AXPY_SIG = "void(uint64, uint64, int32)"
