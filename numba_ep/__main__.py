@@ -3,7 +3,10 @@
 - ``demo``: shows the library working. Without a GPU it runs the layout kernel in numba's CUDA
   simulator and a reference dispatch -> combine round trip; with GPUs it runs the real kernels on
   every local GPU (``--ranks N`` to choose; ``--mpi`` under mpirun).
-- ``bench launch|layout``: GPU benchmarks; prints a table and writes JSON (``--json PATH``).
+- ``bench launch|layout|intranode|low-latency``: GPU benchmarks; prints a table and writes JSON
+  (``--json PATH``). ``intranode`` and ``low-latency`` use every local GPU (``--ranks N``);
+  ``low-latency`` prints dispatch, combine, both, and the send/recv phases of hook mode beside
+  DeepEP V1's 2 x H100 numbers.
 - ``selftest``: the GPU test-suite (``pytest -m "gpu or multigpu"``).
 """
 from __future__ import annotations
@@ -38,7 +41,7 @@ def main(argv=None) -> int:
     d.add_argument("--mpi", action="store_true", help="one rank per MPI process (under mpirun)")
     d.add_argument("--cpu", action="store_true", help="force the CPU path (simulator + reference)")
     b = sub.add_parser("bench", help="GPU benchmarks")
-    b.add_argument("name", choices=["launch", "layout", "intranode"])
+    b.add_argument("name", choices=["launch", "layout", "intranode", "low-latency"])
     b.add_argument("--json", default=None, help="write results to this JSON file")
     b.add_argument("--ranks", type=int, default=None)
     sub.add_parser("selftest", help="run the GPU tests with pytest")

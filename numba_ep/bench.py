@@ -1,4 +1,5 @@
-"""Benchmarks behind ``python -m numba_ep bench NAME`` (GPU only).
+"""Benchmarks behind ``python -m numba_ep bench NAME`` (GPU only): launch, layout, intranode,
+low-latency.
 
 Timing method (see notes/perf.md): warm up first (compilation, module load), then time many
 repetitions and report the median. Device time comes from CUDA events around each launch; host
@@ -158,6 +159,9 @@ def main(name, json_path=None, ranks=None) -> int:
         unit = "us"
     elif name == "intranode":
         rows = bench_intranode(ranks)
+        unit = "mixed (see row names)"
+    elif name == "low-latency":
+        rows = bench_low_latency(ranks)
         unit = "mixed (see row names)"
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(name)
@@ -321,3 +325,47 @@ def bench_intranode(ranks=None):
         rows[k] = statistics.mean(vals) if "GB/s" in k or "rows" in k else max(vals)
     rows["DeepEP V1 2xH100: dispatch BF16 / FP8 / combine, us"] = "356 / 253 / 414"
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# bench low-latency: numba_ep.bench_ll's measurement (low-latency dispatch and combine kernels,
+# GPU time between CUDA events, median of many back-to-back iterations) on every local GPU.
+# ---------------------------------------------------------------------------------------------
+
+#: DeepEP V1 on 2 x H100 at the default shape (T = 128, H = 7168, top-8 of 288 experts), us
+DEEPEP_V1_LL_2XH100 = {"dispatch": "30-35", "combine": "41-43", "dispatch+combine": "76"}
+
+_LL_ROWS = (
+    ("dispatch", "dispatch (FP8), us"),
+    ("combine", "combine (BF16), us"),
+    ("dispatch+combine", "dispatch + combine, us"),
+    ("dispatch_send", "hook mode: dispatch send phase, us"),
+    ("dispatch_recv", "hook mode: dispatch recv phase, us"),
+    ("combine_send", "hook mode: combine send phase, us"),
+    ("combine_recv", "hook mode: combine recv phase, us"),
+)
+
+
+def bench_low_latency(ranks=None, num_tokens=128, hidden=7168, num_topk=8, num_experts=288,
+                      num_iters=60):
+    """Spawn one rank per local GPU (or ``ranks``) running ``numba_ep.bench_ll``'s
+    measurement; times are the slowest rank's medians, bandwidths the mean over ranks."""
+    from numba_ep.__main__ import gpu_count
+    from numba_ep.bench_ll import bench_low_latency as measure
+    from numba_ep.group import spawn
+
+    n = ranks or gpu_count()
+    results = spawn(measure, n, num_tokens=num_tokens, hidden=hidden, num_topk=num_topk,
+                    num_experts=num_experts, num_iters=num_iters, timeout=600)
+    rows = {"ranks": float(n),
+            "shape": f"T = M = {num_tokens}, H = {hidden}, top-{num_topk} of {num_experts} "
+                     "experts"}
+    for key, label in _LL_ROWS:
+        rows[label] = max(r[key] for r in results)
+        if key in DEEPEP_V1_LL_2XH100:
+            rows[f"  DeepEP V1 2xH100 {key}, us"] = DEEPEP_V1_LL_2XH100[key]
+    rows["dispatch logical GB/s (FP8 messages)"] = statistics.mean(
+        r["dispatch_GBps"] for r in results)
+    rows["combine logical GB/s (BF16 rows)"] = statistics.mean(r["combine_GBps"] for r in results)
+    return rows
+

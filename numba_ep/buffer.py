@@ -1,4 +1,4 @@
-"""Buffer: DeepEP V1's ``deep_ep.Buffer`` for numba_ep (intranode normal mode).
+"""Buffer: DeepEP V1's ``deep_ep.Buffer`` for numba_ep (intranode normal mode, low-latency mode).
 
 One ``Buffer`` per rank owns the NVLink buffer every peer can write (``numba_ep.memory.IpcBuffer``),
 a high-priority communication stream, and the bookkeeping of the calls made through it:
@@ -52,6 +52,44 @@ destroy it and build a new one on every rank.
 
 CUDA graphs: a dispatch with ``num_worst_tokens > 0`` (or a cached dispatch) and a combine can be
 captured; a plain dispatch cannot (the host waits for the received counts).
+
+Low-latency mode
+----------------
+For small batches (decoding). The Buffer needs an NVSHMEM buffer (``num_rdma_bytes`` at least
+``Buffer.get_low_latency_rdma_size_hint(M, H, R, E)``); construction then initialises NVSHMEM
+over the group and allocates it, and ``destroy()`` frees it and finalises NVSHMEM (collective)::
+
+    buf = Buffer(group, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(M, H, R, E),
+                 low_latency_mode=True, explicitly_destroy=True)
+    recv_x, recv_count, handle, _, hook = buf.low_latency_dispatch(
+        x, topk_idx, M, E, return_recv_hook=True)      # send phase only
+    ... other work ...; hook()                          # receive phase
+    y = experts(recv_x, recv_count)                     # [L, R*M, H] BF16
+    combined_x, _, _ = buf.low_latency_combine(y, topk_idx, topk_weights, handle)
+
+The kernels are ``numba_ep.kernels.low_latency`` (its docstring has the algorithm and the rules
+of use); the Buffer validates every argument first, converts CuPy/torch arrays in and out as
+above, and keeps one ``LowLatencyContext`` per (M, H, E) shape over its NVSHMEM buffer.
+
+- Streams: DeepEP's low-latency semantics: the kernels run on the caller's current stream
+  (torch's or CuPy's, as for the other calls), not the communication stream; nothing waits on
+  the host. ``async_finish=True`` returns an ``EventOverlap`` recorded on that stream after the
+  kernels, holding every input and output in ``extra_tensors``; otherwise the event is empty.
+  ``return_recv_hook=True`` launches only the send phase and returns ``hook``; ``hook()``
+  launches the receive phase on the same stream (the outputs are complete after it). The two
+  are mutually exclusive. A hook must be called before the next low-latency call (the Buffer
+  raises otherwise; ``clean_low_latency_buffer`` drops an uncalled one).
+- Shapes: the NVSHMEM buffer is laid out for one (M, H, E) at a time. The first call of a
+  Buffer may use any shape (its buffer is zero); another shape needs
+  ``clean_low_latency_buffer(M, H, E)`` on every rank first (DeepEP's rule, enforced here).
+  All ranks make the same sequence of low-latency calls with the same M, H, E.
+- Not range-checked on the device: the expert ids (a check would synchronise every call).
+- ``dispatch_wait_recv_cost_stats`` / ``combine_wait_recv_cost_stats`` are validated and left
+  unchanged (the kernels do not time their waits; a RuntimeWarning says so once per Buffer).
+  Shrink mode (``enable_shrink``, the mask-buffer methods) is not implemented.
+- Timeouts: a receive phase that waits longer than ``timeout_s`` for a peer records it; the
+  next call (or hook) on this Buffer raises ``CommTimeoutError`` and the Buffer is unusable.
+- CuPy callers: BF16 is ``uint16`` and FP8 ``uint8`` (recv_x of an FP8 dispatch), as above.
 """
 from __future__ import annotations
 
@@ -81,8 +119,19 @@ MAX_RANKS = _config.MAX_INTRANODE_RANKS
 #: local experts per rank the notify kernel counts
 MAX_LOCAL_EXPERTS = 1024
 
-_LOW_LATENCY_MSG = "low-latency mode is not implemented yet (issue: low-latency)"
+#: largest top-k of low-latency mode (numba_ep.kernels.low_latency.MAX_TOPK)
+LL_MAX_TOPK = 16
+#: local experts per rank of low-latency mode (numba_ep.kernels.low_latency.MAX_LOCAL_EXPERTS)
+LL_MAX_LOCAL_EXPERTS = 4096
+#: largest hidden size of LogFMT combine (numba_ep.kernels.low_latency.LOGFMT_MAX_HIDDEN)
+LL_LOGFMT_MAX_HIDDEN = 16384
+
+_SHRINK_MSG = ("low-latency shrink mode (enable_shrink: mask buffer, masked ranks) is not "
+               "implemented yet")
 _INT32_MAX = 2**31 - 1
+#: NVSHMEM heap beyond num_rdma_bytes (NVSHMEM's own allocations, alignment)
+_NVSHMEM_HEAP_MARGIN = 512 << 20
+_heap_env_ours = None  # the NVSHMEM_SYMMETRIC_SIZE this module set, if it set one
 
 _buffer_ids = itertools.count(1)
 _live_buffers: "weakref.WeakValueDictionary[int, Buffer]" = weakref.WeakValueDictionary()
@@ -110,6 +159,54 @@ class _Handle(tuple):
     def __repr__(self):
         return (f"_Handle(buffer_id={getattr(self, 'buffer_id', None)}, "
                 f"shapes={[tuple(a.shape) for a in self]})")
+
+
+class _LowLatencyHandle(tuple):
+    """DeepEP's low-latency handle, a 5-tuple::
+
+        (src_info [L, R*M] int32, layout_range [L, R] int64,
+         num_max_dispatch_tokens_per_rank M, hidden H, num_experts E)
+
+    It unpacks and indexes like a plain tuple (a plain tuple of the same items is accepted
+    too). It also remembers the Buffer that made it (``buffer_id``) and the device views of its
+    arrays (``dev``).
+    """
+
+    def __new__(cls, items):
+        return tuple.__new__(cls, items)
+
+    def __repr__(self):
+        return (f"_LowLatencyHandle(buffer_id={getattr(self, 'buffer_id', None)}, "
+                f"M={self[2]}, H={self[3]}, E={self[4]})")
+
+
+class _LowLatencyHook:
+    """The receive phase of one low-latency call (``hook()`` launches it, once, on the stream
+    the call used). Holds the call's outputs until then."""
+
+    def __init__(self, buffer, ll_hook, what):
+        self._buffer = buffer
+        self._hook = ll_hook
+        self.what = what
+        self._generation = buffer._ll_generation
+
+    @property
+    def called(self) -> bool:
+        return bool(self._hook.called)
+
+    def __call__(self):
+        buf = self._buffer
+        buf._check_usable(f"{self.what} receive hook")
+        if self.called:
+            raise RuntimeError(f"{self.what}: the receive hook was already called")
+        if buf._ll_generation != self._generation:
+            raise RuntimeError(f"{self.what}: this receive hook is stale: "
+                               "clean_low_latency_buffer ran after its call")
+        with buf._guard():
+            self._hook()
+
+    def __repr__(self):
+        return f"<{self.what} receive hook{' (done)' if self.called else ''}>"
 
 
 def _tag_handle(items, buffer_id, dev, num_channels, num_recv_tokens):
@@ -287,6 +384,22 @@ class _CombinePlan:
     config: Config
 
 
+@dataclass
+class _LowLatencyPlan:
+    """What a low-latency call decided while validating."""
+    torch_out: bool
+    M: int
+    H: int
+    E: int
+    async_finish: bool
+    return_recv_hook: bool
+    use_fp8: bool = False
+    round_scale: bool = False
+    use_ue8m0: bool = False
+    use_logfmt: bool = False
+    zero_copy: bool = False
+
+
 # -------------------------------------------------------------------------------------------------
 # Streams of one call
 # -------------------------------------------------------------------------------------------------
@@ -352,7 +465,8 @@ class _Call:
 # -------------------------------------------------------------------------------------------------
 
 class Buffer:
-    """DeepEP V1's communication buffer (intranode normal mode) for one rank of an EP group.
+    """DeepEP V1's communication buffer (intranode normal mode and low-latency mode) for one
+    rank of an EP group.
 
     Args:
         group: a ``numba_ep.Group``, an mpi4py communicator, a torch ``ProcessGroup``, or None
@@ -360,20 +474,31 @@ class Buffer:
             default group, else a single rank).
         num_nvl_bytes: bytes of NVLink buffer per rank (a multiple of 128; 0 = none). Every rank
             must pass the same value. Size it with ``Config.get_nvl_buffer_size_hint``.
-        num_rdma_bytes: NVSHMEM buffer bytes (a multiple of 128). Kept for DeepEP compatibility;
-            nothing is allocated (low-latency and internode modes are not implemented yet).
-        low_latency_mode, num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl,
-            enable_shrink: DeepEP's low-latency / NVSHMEM options, stored as attributes.
+        num_rdma_bytes: bytes of NVSHMEM symmetric buffer per rank (a multiple of 128; 0 = none),
+            the same on every rank. If > 0, construction initialises NVSHMEM over the group
+            (``numba_ep.memory.nvshmem_init``, one world per process, NVSHMEM_DISABLE_NVLS=1)
+            and allocates it (``SymmetricBuffer``, zero-filled). Low-latency mode uses it; size
+            it with ``Buffer.get_low_latency_rdma_size_hint(M, H, R, E)`` (the largest shape
+            you will use). Internode normal mode is not implemented yet.
+        low_latency_mode: DeepEP's switch for the low-latency API; needs ``num_rdma_bytes > 0``.
+            The ``low_latency_*`` methods work whenever the NVSHMEM buffer is large enough.
+        num_qps_per_rank, allow_nvlink_for_low_latency_mode, enable_shrink: stored as
+            attributes (no IBGDA QPs here; peers NVSHMEM maps are always reached by NVLink
+            stores; shrink mode is not implemented).
+        allow_mnnvl: if False (default), NVSHMEM_DISABLE_MNNVL=1 is set where unset.
         use_fabric: fabric (cuMem) handles are not supported (NotImplementedError if True).
         explicitly_destroy: if True the caller must call ``destroy()`` (collective); else the
-            buffer is released when garbage-collected (locally, without a barrier).
+            buffer is released when garbage-collected (locally, without a barrier). NVSHMEM
+            memory can only be freed collectively, so garbage collection leaves it allocated
+            until NVSHMEM is finalised: use ``explicitly_destroy=True`` with ``num_rdma_bytes``.
         comm: an mpi4py communicator, instead of ``group``.
         timeout_s: seconds any wait (device spin or host wait) may take before it raises
             ``CommTimeoutError`` naming the rank it waited for; None = env
             ``NUMBA_EP_TIMEOUT_S`` or 100 s.
 
-    Construction is collective (the ranks exchange CUDA IPC handles). It picks this rank's GPU
-    (``numba_ep.group.current_device``: ``local_rank % device count`` unless already chosen).
+    Construction is collective (the ranks exchange CUDA IPC handles, and initialise NVSHMEM
+    when ``num_rdma_bytes > 0``). It picks this rank's GPU (``numba_ep.group.current_device``:
+    ``local_rank % device count`` unless already chosen).
     """
 
     #: SMs the normal kernels use by default (DeepEP's class attribute); see ``set_num_sms``
@@ -386,12 +511,17 @@ class Buffer:
                  enable_shrink: bool = False, comm=None, timeout_s: float | None = None):
         self._destroyed = True  # until construction completes (for __del__)
         self._ipc = None
+        self._sym = None
         num_nvl_bytes = _check_int("num_nvl_bytes", num_nvl_bytes, 0, 2**62)
         num_rdma_bytes = _check_int("num_rdma_bytes", num_rdma_bytes, 0, 2**62)
         for name, v in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
             if v % 128:
                 raise ValueError(f"{name}: expected a multiple of 128 bytes, got {v} "
                                  f"(round up to {(v + 127) // 128 * 128})")
+        if low_latency_mode and num_rdma_bytes == 0:
+            raise ValueError("num_rdma_bytes: low_latency_mode=True needs an NVSHMEM buffer; pass "
+                             "num_rdma_bytes >= Buffer.get_low_latency_rdma_size_hint(M, hidden, "
+                             "num_ranks, num_experts), got 0")
         timeout_s = _check_timeout(timeout_s)
         if use_fabric:
             raise NotImplementedError("use_fabric=True (cuMem fabric handles) is not supported; "
@@ -416,6 +546,7 @@ class Buffer:
         self._host = False
         self._ctx = None
         self._broken = None
+        self._init_low_latency_state()
 
         import cupy
 
@@ -425,6 +556,15 @@ class Buffer:
                 from numba_ep.memory import IpcBuffer
 
                 self._ipc = IpcBuffer(self.group, num_nvl_bytes, device=self.device)
+            if num_rdma_bytes > 0:
+                try:
+                    self._sym = _allocate_symmetric(self.group, self.device, num_rdma_bytes,
+                                                    self.allow_mnnvl)
+                except BaseException:
+                    if self._ipc is not None:
+                        self._ipc.close(barrier=False)
+                        self._ipc = None
+                    raise
             self._comm_stream = cupy.cuda.Stream(non_blocking=True, priority=_high_priority())
             self._device_sms = int(cupy.cuda.Device(self.device).attributes["MultiProcessorCount"])
             from numba_ep.kernels.waits import error_record
@@ -435,13 +575,15 @@ class Buffer:
     # ----------------------------------------------------------------------------- construction
 
     @classmethod
-    def _host_mode(cls, group, num_nvl_bytes=0, timeout_s=None, device_sms=None):
+    def _host_mode(cls, group, num_nvl_bytes=0, timeout_s=None, device_sms=None,
+                   num_rdma_bytes=0, low_latency_mode=False):
         """A Buffer that owns no CUDA resources, for tests and the simulator.
 
         Arrays are NumPy arrays on the host (expected device: the host), streams are no-ops, and
-        every kernel call goes to ``numba_ep.kernels.intranode`` as usual (tests replace those
-        functions). ``group`` needs only ``rank`` and ``size``. ``num_nvl_bytes`` sizes a fake
-        IPC buffer the size checks see.
+        every kernel call goes to ``numba_ep.kernels.intranode`` / ``.low_latency`` as usual
+        (tests replace those functions). ``group`` needs only ``rank`` and ``size``.
+        ``num_nvl_bytes`` / ``num_rdma_bytes`` size fake IPC / NVSHMEM buffers the size checks
+        see (nothing is allocated, NVSHMEM is not initialised).
         """
         from types import SimpleNamespace
 
@@ -450,8 +592,8 @@ class Buffer:
         self.group = group
         self.rank, self.group_size = int(group.rank), int(group.size)
         self.num_nvl_bytes = _check_int("num_nvl_bytes", num_nvl_bytes, 0, 2**62)
-        self.num_rdma_bytes = 0
-        self.low_latency_mode = False
+        self.num_rdma_bytes = _check_int("num_rdma_bytes", num_rdma_bytes, 0, 2**62)
+        self.low_latency_mode = bool(low_latency_mode)
         self.num_qps_per_rank = 24
         self.allow_nvlink_for_low_latency_mode = True
         self.allow_mnnvl = self.use_fabric = self.enable_shrink = False
@@ -462,10 +604,23 @@ class Buffer:
         self._broken = None
         self.device = None
         self._ipc = SimpleNamespace(nbytes=num_nvl_bytes) if num_nvl_bytes else None
+        self._sym = SimpleNamespace(nbytes=num_rdma_bytes) if num_rdma_bytes else None
         self._comm_stream = None
         self._device_sms = device_sms
+        self._init_low_latency_state()
         self._register()
         return self
+
+    def _init_low_latency_state(self):
+        #: LowLatencyContext per (M, hidden, num_experts), created on first use
+        self._ll_ctxs = {}
+        #: the shape the NVSHMEM buffer is laid out for (None: never used, still zero)
+        self._ll_active = None
+        #: the receive hook of the last low-latency call, until it is called
+        self._ll_pending = None
+        #: bumped by clean_low_latency_buffer: hooks of earlier calls become invalid
+        self._ll_generation = 0
+        self._ll_warned = set()
 
     def _register(self):
         self._id = next(_buffer_ids)
@@ -476,7 +631,8 @@ class Buffer:
         state = ("destroyed" if self._destroyed else "host mode" if self._host
                  else f"device={self.device}")
         return (f"Buffer(#{getattr(self, '_id', '?')}, rank={self.rank}/{self.group_size}, "
-                f"num_nvl_bytes={self.num_nvl_bytes}, {state})")
+                f"num_nvl_bytes={self.num_nvl_bytes}, num_rdma_bytes={self.num_rdma_bytes}, "
+                f"{state})")
 
     # --------------------------------------------------------------------- static / class methods
 
@@ -530,37 +686,37 @@ class Buffer:
 
     def get_local_buffer_tensor(self, dtype, size=None, offset: int = 0,
                                 use_rdma_buffer: bool = False):
-        """A raw view of this rank's NVLink buffer.
+        """A raw view of this rank's NVLink buffer, or with ``use_rdma_buffer=True`` of its
+        NVSHMEM buffer.
 
         ``dtype``: a torch dtype (returns a torch tensor) or a NumPy/CuPy dtype (returns a CuPy
         array). ``size``: the shape (None = every whole element after ``offset``). ``offset``: in
-        bytes. ``use_rdma_buffer=True`` is not available (no RDMA buffer yet).
+        bytes.
         """
         self._check_usable("get_local_buffer_tensor", check_errors=False)
-        if use_rdma_buffer:
-            raise NotImplementedError("use_rdma_buffer=True: the RDMA (NVSHMEM) buffer is not "
-                                      "implemented yet (issues: low-latency, internode)")
-        if self._ipc is None:
-            raise ValueError("get_local_buffer_tensor: this Buffer has no NVLink buffer "
-                             "(num_nvl_bytes=0)")
-        offset = _check_int("offset", offset, 0, self._ipc.nbytes)
+        mem, what = (self._sym, "NVSHMEM") if use_rdma_buffer else (self._ipc, "NVLink")
+        if mem is None:
+            raise ValueError(f"get_local_buffer_tensor: this Buffer has no {what} buffer "
+                             f"({'num_rdma_bytes' if use_rdma_buffer else 'num_nvl_bytes'}=0)")
+        offset = _check_int("offset", offset, 0, mem.nbytes)
         torch_side = type(dtype).__module__.startswith("torch")
         itemsize = dtype.itemsize if torch_side else np.dtype(dtype).itemsize
-        avail = (self._ipc.nbytes - offset) // itemsize
+        avail = (mem.nbytes - offset) // itemsize
         shape = (avail,) if size is None else tuple(int(s) for s in size)
         count = int(np.prod(shape)) if shape else 1
         if count > avail:
             raise ValueError(f"size: {list(shape)} x {itemsize} B from offset {offset} does not "
-                             f"fit the {self._ipc.nbytes}-byte NVLink buffer")
-        raw = self._ipc.local[offset: offset + count * itemsize]
+                             f"fit the {mem.nbytes}-byte {what} buffer")
+        raw = mem.local[offset: offset + count * itemsize]
         if torch_side:
             return to_caller(raw, True, torch_dtype=dtype).view(shape)
         return raw.view(np.dtype(dtype)).reshape(shape)
 
     def destroy(self) -> None:
-        """Release the NVLink buffer (collective: every rank calls it). Only for
-        ``Buffer(explicitly_destroy=True)``. Idempotent; every other method raises
-        RuntimeError afterwards."""
+        """Release the NVLink buffer, and the NVSHMEM buffer with this Buffer's reference to
+        NVSHMEM (``nvshmem_finalize``; the last reference finalises it). Collective: every rank
+        calls it. Only for ``Buffer(explicitly_destroy=True)``. Idempotent; every other method
+        raises RuntimeError afterwards."""
         if not self.explicitly_destroy:
             raise RuntimeError("destroy() is only for Buffer(..., explicitly_destroy=True); this "
                                "Buffer is released when it is garbage-collected")
@@ -576,10 +732,20 @@ class Buffer:
             cupy.cuda.runtime.deviceSynchronize()
             if self._ipc is not None:
                 self._ipc.close()  # collective: barrier, unmap peers, barrier, free
-            else:
+            elif self._sym is None:
                 self.group.barrier()
+            if self._sym is not None:
+                from numba_ep.memory import nvshmem_finalize
+
+                sym, self._sym = self._sym, None
+                try:
+                    sym.close()    # collective nvshmem_free
+                finally:
+                    nvshmem_finalize()
         self._ipc = None
         self._ctx = None
+        self._ll_ctxs = {}
+        self._ll_pending = None
         self._comm_stream = None
 
     def __del__(self):
@@ -608,6 +774,9 @@ class Buffer:
 
             try:
                 error_record().check()
+                ll_ctx = self._ll_ctxs.get(self._ll_active)
+                if ll_ctx is not None:
+                    ll_ctx.check()  # the low-latency receive phases record their timeouts there
             except CommTimeoutError as e:
                 self._broken = f"CommTimeoutError: {e}"
                 raise
@@ -1136,33 +1305,405 @@ class Buffer:
 
     # --------------------------------------------------------------------------- low latency
 
-    def clean_low_latency_buffer(self, *args, **kwargs):
-        """Low-latency mode: not implemented yet (raises NotImplementedError)."""
-        raise NotImplementedError(_LOW_LATENCY_MSG)
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int,
+                                 num_experts: int) -> None:
+        """Zero the signal words of the NVSHMEM buffer for shape ``(M, hidden, num_experts)``
+        and restart its call sequence (collective: every rank calls it, with the same shape).
 
-    def low_latency_dispatch(self, *args, **kwargs):
-        """Low-latency mode: not implemented yet (raises NotImplementedError)."""
-        raise NotImplementedError(_LOW_LATENCY_MSG)
+        Needed before the first low-latency call of a new shape (this Buffer raises otherwise),
+        and to start over after a receive hook was dropped. Runs on the caller's current stream
+        between two NVSHMEM barriers; the host does not wait, so make the stream of the
+        low-latency calls that follow current (or order the two streams).
+        """
+        what = "clean_low_latency_buffer"
+        self._check_usable(what)
+        M, H, E = self._check_ll_shape_args(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        self._check_ll_size(what, M, H, E)
+        from numba_ep.kernels import low_latency as ll
 
-    def low_latency_combine(self, *args, **kwargs):
-        """Low-latency mode: not implemented yet (raises NotImplementedError)."""
-        raise NotImplementedError(_LOW_LATENCY_MSG)
+        with self._guard():
+            ctx = self._ll_context(M, H, E)
+            ll.clean_low_latency_buffer(ctx, self._ll_stream(torch_cuda_active()))
+            self._ll_active = (M, H, E)
+            self._ll_pending = None
+            self._ll_generation += 1
 
-    def get_next_low_latency_combine_buffer(self, *args, **kwargs):
-        """Low-latency mode: not implemented yet (raises NotImplementedError)."""
-        raise NotImplementedError(_LOW_LATENCY_MSG)
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int,
+                             num_experts: int, cumulative_local_expert_recv_stats=None,
+                             dispatch_wait_recv_cost_stats=None, use_fp8: bool = True,
+                             round_scale: bool = False, use_ue8m0: bool = False,
+                             async_finish: bool = False, return_recv_hook: bool = False):
+        """Send every (token, top-k slot) to its expert's rank; receive my experts' tokens.
+
+        Args (T tokens here, M = num_max_dispatch_tokens_per_rank, H hidden, K top-k, E experts,
+        R ranks, L = E / R local experts):
+            x: ``[T, H]`` BF16 (torch.bfloat16 / CuPy uint16), C-contiguous; ``T <= M``,
+                ``H % 128 == 0``.
+            topk_idx: ``[T, K]`` int64 global expert ids, -1 = unused slot; ``1 <= K <= 16``.
+                Not range-checked (that would cost a host synchronisation per call).
+            num_max_dispatch_tokens_per_rank: M, the same on every rank and every call of a
+                sequence (a new (M, H, E) needs ``clean_low_latency_buffer`` first).
+            num_experts: E, a multiple of R.
+            cumulative_local_expert_recv_stats: optional ``[L] int32``, incremented by the
+                number of tokens each local expert received.
+            dispatch_wait_recv_cost_stats: optional ``[R] int64``: accepted and validated but NOT
+                collected (the kernels do not time their waits); left unchanged.
+            use_fp8: cast to float8_e4m3fn with one float32 scale per 128 channels (else BF16).
+            round_scale: power-of-two scales. use_ue8m0: scales as packed UE8M0 exponents
+                (needs use_fp8, round_scale and ``H % 512 == 0``).
+            async_finish: also return an event recorded after the kernels (see the module
+                docstring, "Low-latency mode"). return_recv_hook: launch only the send phase and
+                return a hook that launches the receive phase. Not both.
+
+        Returns ``(recv_x, recv_count, handle, event, hook)``:
+            recv_x: FP8: ``(x_fp8 [L, R*M, H] float8_e4m3fn (CuPy uint8), scales)`` with scales
+            ``[L, R*M, H/128] float32`` (UE8M0: ``[L, R*M, H/512] int32``), column-major in the
+            last two dims; BF16: ``[L, R*M, H]``. Only the first ``recv_count[i]`` rows of local
+            expert i are valid. recv_count ``[L] int32``. handle ``(src_info [L, R*M] int32,
+            layout_range [L, R] int64, M, H, E)``: ``src_info`` is the row's token index at its
+            source rank, ``layout_range[i, r] = (begin << 32) | count`` the rows of expert i
+            that came from rank r. event: an ``EventOverlap``. hook: a callable or None.
+        All arrays are in the kind of ``x`` and complete once the receive phase has run on the
+        caller's stream (after ``hook()`` in hook mode).
+        """
+        what = "low_latency_dispatch"
+        self._check_usable(what)
+        p = self._validate_ll_dispatch(
+            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+            cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
+            round_scale, use_ue8m0, async_finish, return_recv_hook)
+        self._warn_not_collected("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats)
+        from numba_ep.kernels import low_latency as ll
+
+        with self._guard():
+            stream = self._ll_stream(p.torch_out)
+            ctx = self._ll_context(p.M, p.H, p.E)
+            with _on(stream):
+                xv = _as_u16(device_view(x, "x"))
+                topk = device_view(topk_idx, "topk_idx")
+                stats = device_view(cumulative_local_expert_recv_stats,
+                                    "cumulative_local_expert_recv_stats")
+                recv_x, scales, count, src, lr, ll_hook = ll.low_latency_dispatch(
+                    ctx, xv, topk, use_fp8=p.use_fp8, round_scale=p.round_scale,
+                    use_ue8m0=p.use_ue8m0, cumulative_local_expert_recv_stats=stats,
+                    return_recv_hook=p.return_recv_hook, stream=stream)
+            self._ll_active = (p.M, p.H, p.E)
+            hook = self._ll_hook(ll_hook, what)
+            keep = (x, topk_idx, cumulative_local_expert_recv_stats, xv, topk, stats, recv_x,
+                    scales, count, src, lr)
+            event = self._ll_event(stream, p.torch_out, p.async_finish, keep)
+            with _on(stream):
+                torch_out = p.torch_out
+                if p.use_fp8:
+                    recv = (to_caller(recv_x, torch_out,
+                                      torch_dtype=_torch_dtype("float8_e4m3fn") if torch_out
+                                      else None),
+                            to_caller(scales, torch_out))
+                else:
+                    recv = to_caller(recv_x, torch_out,
+                                     torch_dtype=x.dtype if torch_out else None,
+                                     dtype=None if torch_out else x.dtype)
+                items = (to_caller(src, torch_out), to_caller(lr, torch_out), p.M, p.H, p.E)
+                recv_count = to_caller(count, torch_out)
+        handle = _LowLatencyHandle(items)
+        handle.buffer_id, handle.dev = self._id, (src, lr)
+        return recv, recv_count, handle, event, hook
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt: bool = False,
+                            zero_copy: bool = False, async_finish: bool = False,
+                            return_recv_hook: bool = False, out=None,
+                            combine_wait_recv_cost_stats=None):
+        """Send my experts' outputs back to the tokens' ranks; take each token's weighted sum.
+
+        Args (shapes as in ``low_latency_dispatch``):
+            x: ``[L, R*M, H]`` BF16, C-contiguous: my local experts' outputs in the dispatch's
+                packed layout (only rows below ``recv_count`` are read). With ``zero_copy`` the
+                outputs are already in ``get_next_low_latency_combine_buffer(handle)`` and x
+                (normally that very view, strided) is only shape-checked.
+            topk_idx ``[T, K] int64`` and topk_weights ``[T, K] float32``: this rank's ORIGINAL
+                routing (what its dispatch was given).
+            handle: the dispatch's handle (same Buffer).
+            use_logfmt: LogFMT-10 on the wire (``H <= 16384``; not with zero_copy).
+            zero_copy: see x.
+            async_finish, return_recv_hook: as in ``low_latency_dispatch`` (not both).
+            out: optional ``[T, H]`` BF16, C-contiguous: written in place and returned.
+            combine_wait_recv_cost_stats: optional ``[R] int64``: accepted, NOT collected.
+
+        Returns ``(combined_x [T, H] BF16, event, hook)``, ``combined_x[t] = sum over k with
+        topk_idx[t, k] >= 0 of topk_weights[t, k] * y_{topk_idx[t, k]}[t]`` (float32 sums), in
+        the kind of ``x``; complete once the receive phase ran (after ``hook()``).
+        """
+        what = "low_latency_combine"
+        self._check_usable(what)
+        p = self._validate_ll_combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy,
+                                      async_finish, return_recv_hook, out,
+                                      combine_wait_recv_cost_stats)
+        self._warn_not_collected("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats)
+        from numba_ep.kernels import low_latency as ll
+
+        with self._guard():
+            stream = self._ll_stream(p.torch_out)
+            ctx = self._ll_context(p.M, p.H, p.E)
+            with _on(stream):
+                xv = _as_u16(device_view(x, "x"))
+                topk = device_view(topk_idx, "topk_idx")
+                w = device_view(topk_weights, "topk_weights")
+                src, lr = self._ll_handle_views(handle)
+                out_v = _as_u16(device_view(out, "out"))
+                res, ll_hook = ll.low_latency_combine(
+                    ctx, xv, topk, w, src, lr, use_logfmt=p.use_logfmt, zero_copy=p.zero_copy,
+                    out=out_v, return_recv_hook=p.return_recv_hook, stream=stream)
+            self._ll_active = (p.M, p.H, p.E)
+            hook = self._ll_hook(ll_hook, what)
+            event = self._ll_event(stream, p.torch_out, p.async_finish,
+                                   (x, topk_idx, topk_weights, handle, out, xv, topk, w, src, lr,
+                                    out_v, res))
+            if out is not None:
+                return out, event, hook
+            with _on(stream):
+                combined = to_caller(res, p.torch_out,
+                                     torch_dtype=x.dtype if p.torch_out else None,
+                                     dtype=None if p.torch_out else x.dtype)
+        return combined, event, hook
+
+    def get_next_low_latency_combine_buffer(self, handle):
+        """The zero-copy input of the next ``low_latency_combine``: a BF16 view ``[L, R*M, H]``
+        of the NVSHMEM send rows the next low-latency call uses (row stride ``H + H/128*2``
+        elements, not contiguous), in the kind of ``handle[0]``. Write the expert outputs into
+        it, then call ``low_latency_combine(view, ..., zero_copy=True)`` as the very next
+        low-latency call. The view is overwritten by the calls after that."""
+        what = "get_next_low_latency_combine_buffer"
+        self._check_usable(what)
+        M, H, E, infos = self._check_ll_handle(handle)
+        self._check_ll_size(what, M, H, E)
+        self._check_ll_sequence(what, M, H, E, hooks=False)
+        from numba_ep.kernels import low_latency as ll
+
+        torch_out = infos[0].kind == "torch"
+        with self._guard():
+            ctx = self._ll_context(M, H, E)
+            view = ll.next_combine_buffer(ctx)
+            return to_caller(view, torch_out,
+                             torch_dtype=_torch_dtype("bfloat16") if torch_out else None)
 
     def low_latency_update_mask_buffer(self, *args, **kwargs):
-        """Low-latency mode: not implemented yet (raises NotImplementedError)."""
-        raise NotImplementedError(_LOW_LATENCY_MSG)
+        """Shrink mode: not implemented yet (raises NotImplementedError)."""
+        raise NotImplementedError(_SHRINK_MSG)
 
     def low_latency_query_mask_buffer(self, *args, **kwargs):
-        """Low-latency mode: not implemented yet (raises NotImplementedError)."""
-        raise NotImplementedError(_LOW_LATENCY_MSG)
+        """Shrink mode: not implemented yet (raises NotImplementedError)."""
+        raise NotImplementedError(_SHRINK_MSG)
 
     def low_latency_clean_mask_buffer(self, *args, **kwargs):
-        """Low-latency mode: not implemented yet (raises NotImplementedError)."""
-        raise NotImplementedError(_LOW_LATENCY_MSG)
+        """Shrink mode: not implemented yet (raises NotImplementedError)."""
+        raise NotImplementedError(_SHRINK_MSG)
+
+    # ----------------------------------------------------------------- low latency: checks
+
+    def _check_ll_shape_args(self, num_max_dispatch_tokens_per_rank, hidden, num_experts,
+                             prefix=""):
+        """Validate (M, H, E); ``prefix`` names where they came from (e.g. a handle)."""
+        R = self.group_size
+        M = _check_int(f"{prefix}num_max_dispatch_tokens_per_rank",
+                       num_max_dispatch_tokens_per_rank, 1)
+        H = _check_int(f"{prefix}hidden", hidden, 1)
+        E = _check_int(f"{prefix}num_experts", num_experts, 1)
+        if H % 128:
+            raise ValueError(f"{prefix}hidden: low-latency mode needs a multiple of 128, got {H}")
+        if E % R:
+            raise ValueError(f"{prefix}num_experts: expected a multiple of the rank count {R}, "
+                             f"got {E}")
+        if E // R > LL_MAX_LOCAL_EXPERTS:
+            raise ValueError(f"{prefix}num_experts: at most {LL_MAX_LOCAL_EXPERTS} experts per "
+                             f"rank in low-latency mode, got {E} experts over {R} ranks")
+        return M, H, E
+
+    def _check_ll_size(self, what, M, H, E):
+        R = self.group_size
+        need = int(self.get_low_latency_rdma_size_hint(M, H, R, E))
+        have = 0 if self._sym is None else int(self._sym.nbytes)
+        if need > have:
+            raise ValueError(
+                f"num_rdma_bytes: {what} with num_max_dispatch_tokens_per_rank={M}, hidden={H}, "
+                f"num_ranks={R}, num_experts={E} needs {need} bytes of NVSHMEM buffer "
+                f"(Buffer.get_low_latency_rdma_size_hint({M}, {H}, {R}, {E})) but the Buffer has "
+                f"{have}; construct it with Buffer(group, num_rdma_bytes={need}, "
+                "low_latency_mode=True) or more")
+
+    def _check_ll_sequence(self, what, M, H, E, hooks=True):
+        """The NVSHMEM buffer is laid out for one shape at a time, and (``hooks``) a receive
+        hook must run before the next low-latency call."""
+        active = self._ll_active
+        if active is not None and active != (M, H, E):
+            raise ValueError(
+                f"{what}: the low-latency buffer is in use for num_max_dispatch_tokens_per_rank="
+                f"{active[0]}, hidden={active[1]}, num_experts={active[2]}; a new shape (M={M}, "
+                f"H={H}, E={E}) needs clean_low_latency_buffer({M}, {H}, {E}) on every rank first")
+        pending = self._ll_pending
+        if hooks and pending is not None and not pending.called:
+            raise RuntimeError(
+                f"{what}: the receive hook of the previous {pending.what} has not been called; "
+                "call it first (a receive phase must run before the next low-latency call), or "
+                "call clean_low_latency_buffer(...) on every rank to start over")
+
+    def _check_ll_flags(self, async_finish, return_recv_hook):
+        async_finish = _check_flag("async_finish", async_finish)
+        return_recv_hook = _check_flag("return_recv_hook", return_recv_hook)
+        if async_finish and return_recv_hook:
+            raise ValueError("async_finish=True and return_recv_hook=True are mutually exclusive "
+                             "(DeepEP's rule): with a hook the receive phase has not run yet, so "
+                             "there is nothing to wait for")
+        return async_finish, return_recv_hook
+
+    def _check_cost_stats(self, stats, name):
+        if stats is not None:
+            check_array(stats, name, dtypes=("int64",), shape=(self.group_size,),
+                        desc="[num_ranks]", device=self.device)
+
+    def _validate_ll_dispatch(self, x, topk_idx, M, E, stats, wait_stats, use_fp8, round_scale,
+                              use_ue8m0, async_finish, return_recv_hook) -> _LowLatencyPlan:
+        dev = self.device
+        use_fp8 = _check_flag("use_fp8", use_fp8)
+        round_scale = _check_flag("round_scale", round_scale)
+        use_ue8m0 = _check_flag("use_ue8m0", use_ue8m0)
+        async_finish, return_recv_hook = self._check_ll_flags(async_finish, return_recv_hook)
+        M = _check_int("num_max_dispatch_tokens_per_rank", M, 1)
+        x_info = check_array(x, "x", dtypes=("bfloat16",), ndim=2, desc="[num_tokens, hidden]",
+                             device=dev)
+        T, H = x_info.shape
+        if T > M:
+            raise ValueError(f"x: {T} tokens, more than num_max_dispatch_tokens_per_rank={M} "
+                             f"(shape {list(x_info.shape)})")
+        if H == 0 or H % 128:
+            raise ValueError(f"x: low-latency mode needs a hidden size that is a positive "
+                             f"multiple of 128, got shape {list(x_info.shape)}")
+        M, H, E = self._check_ll_shape_args(M, H, E)
+        if use_ue8m0 and not (use_fp8 and round_scale):
+            raise ValueError("use_ue8m0=True needs use_fp8=True and round_scale=True")
+        if use_ue8m0 and H % 512:
+            raise ValueError(f"use_ue8m0=True needs a hidden size that is a multiple of 512, got "
+                             f"{H}")
+        k_info = check_array(topk_idx, "topk_idx", dtypes=("int64",), ndim=2,
+                             desc="[num_tokens, num_topk]", device=dev)
+        if k_info.shape[0] != T or not 1 <= k_info.shape[1] <= LL_MAX_TOPK:
+            raise ValueError(f"topk_idx: expected shape [num_tokens, num_topk] = [{T}, "
+                             f"1..{LL_MAX_TOPK}], got {list(k_info.shape)}")
+        if stats is not None:
+            check_array(stats, "cumulative_local_expert_recv_stats", dtypes=("int32",),
+                        shape=(E // self.group_size,), desc="[num_local_experts]", device=dev)
+        self._check_cost_stats(wait_stats, "dispatch_wait_recv_cost_stats")
+        self._check_ll_size("low_latency_dispatch", M, H, E)
+        self._check_ll_sequence("low_latency_dispatch", M, H, E)
+        return _LowLatencyPlan(torch_out=x_info.kind == "torch", M=M, H=H, E=E,
+                               use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0,
+                               async_finish=async_finish, return_recv_hook=return_recv_hook)
+
+    def _check_ll_handle(self, handle):
+        """Validate a low-latency handle; return (M, H, E, (src_info info, layout_range info))."""
+        if not isinstance(handle, tuple) or len(handle) != 5:
+            raise TypeError("handle: expected the 5-tuple (src_info, layout_range, "
+                            "num_max_dispatch_tokens_per_rank, hidden, num_experts) that "
+                            f"low_latency_dispatch returned, got {type(handle).__name__}"
+                            + (f" of length {len(handle)}" if isinstance(handle, tuple) else ""))
+        owner = getattr(handle, "buffer_id", None)
+        if owner is not None and owner != self._id:
+            alive = owner in _live_buffers
+            raise ValueError(f"handle: made by another Buffer (#{owner}, "
+                             f"{'still alive' if alive else 'since destroyed'}); a handle is "
+                             f"only valid with the Buffer whose dispatch returned it (this is "
+                             f"#{self._id})")
+        M, H, E = self._check_ll_shape_args(handle[2], handle[3], handle[4], prefix="handle: ")
+        R, dev = self.group_size, self.device
+        L = E // R
+        i0 = check_array(handle[0], "handle[0] (src_info)", dtypes=("int32",), shape=(L, R * M),
+                         desc="[num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank]",
+                         device=dev)
+        i1 = check_array(handle[1], "handle[1] (layout_range)", dtypes=("int64",), shape=(L, R),
+                         desc="[num_local_experts, num_ranks]", device=dev)
+        return M, H, E, (i0, i1)
+
+    def _validate_ll_combine(self, x, topk_idx, topk_weights, handle, use_logfmt, zero_copy,
+                             async_finish, return_recv_hook, out, wait_stats) -> _LowLatencyPlan:
+        dev, R = self.device, self.group_size
+        use_logfmt = _check_flag("use_logfmt", use_logfmt)
+        zero_copy = _check_flag("zero_copy", zero_copy)
+        async_finish, return_recv_hook = self._check_ll_flags(async_finish, return_recv_hook)
+        if use_logfmt and zero_copy:
+            raise ValueError("use_logfmt=True cannot be combined with zero_copy=True (the "
+                             "zero-copy rows are sent as they are)")
+        M, H, E, _ = self._check_ll_handle(handle)
+        L = E // R
+        if use_logfmt and H > LL_LOGFMT_MAX_HIDDEN:
+            raise ValueError(f"use_logfmt=True supports hidden sizes up to "
+                             f"{LL_LOGFMT_MAX_HIDDEN}, got {H}")
+        x_info = check_array(x, "x", dtypes=("bfloat16",), shape=(L, R * M, H),
+                             desc="[num_local_experts, num_ranks * "
+                                  "num_max_dispatch_tokens_per_rank, hidden]",
+                             device=dev, contiguous=not zero_copy)
+        k_info = check_array(topk_idx, "topk_idx", dtypes=("int64",), ndim=2,
+                             desc="[num_tokens, num_topk]", device=dev)
+        T, K = k_info.shape
+        if T > M or not 1 <= K <= LL_MAX_TOPK:
+            raise ValueError(f"topk_idx: expected shape [num_tokens, num_topk] with num_tokens <= "
+                             f"num_max_dispatch_tokens_per_rank={M} and 1 <= num_topk <= "
+                             f"{LL_MAX_TOPK}, got {list(k_info.shape)}")
+        check_array(topk_weights, "topk_weights", dtypes=("float32",), shape=(T, K),
+                    desc="[num_tokens, num_topk]", device=dev)
+        if out is not None:
+            check_array(out, "out", dtypes=("bfloat16",), shape=(T, H),
+                        desc="[num_tokens, hidden]", device=dev)
+        self._check_cost_stats(wait_stats, "combine_wait_recv_cost_stats")
+        self._check_ll_size("low_latency_combine", M, H, E)
+        self._check_ll_sequence("low_latency_combine", M, H, E)
+        return _LowLatencyPlan(torch_out=x_info.kind == "torch", M=M, H=H, E=E,
+                               use_logfmt=use_logfmt, zero_copy=zero_copy,
+                               async_finish=async_finish, return_recv_hook=return_recv_hook)
+
+    def _warn_not_collected(self, name, stats):
+        if stats is not None and name not in self._ll_warned:
+            self._ll_warned.add(name)
+            warnings.warn(f"{name}: numba_ep's low-latency kernels do not time their waits; the "
+                          "array is accepted and left unchanged", RuntimeWarning, stacklevel=3)
+
+    # ----------------------------------------------------------------- low latency: plumbing
+
+    def _ll_context(self, M, H, E):
+        """The LowLatencyContext of shape (M, H, E) over the NVSHMEM buffer (cached)."""
+        from numba_ep.kernels import low_latency as ll
+
+        ctx = self._ll_ctxs.get((M, H, E))
+        if ctx is None:
+            ctx = ll.LowLatencyContext(self._sym, self.rank, self.group_size, M, H, E,
+                                       timeout_s=self.timeout_s)
+            self._ll_ctxs[(M, H, E)] = ctx
+        return ctx
+
+    def _ll_stream(self, torch_side):
+        """The caller's current stream (kernels of low-latency mode run there); None in host
+        mode."""
+        if self._host:
+            return None
+        return caller_stream(torch_side, self.device if torch_side else None)
+
+    def _ll_event(self, stream, torch_side, async_finish, keep) -> EventOverlap:
+        if self._host or not async_finish:
+            return EventOverlap(None, torch_side=torch_side)
+        return EventOverlap(record_event(stream.ptr),
+                            extra_tensors=tuple(k for k in keep if k is not None),
+                            torch_side=torch_side)
+
+    def _ll_hook(self, ll_hook, what):
+        if ll_hook is None:
+            return None
+        hook = _LowLatencyHook(self, ll_hook, what)
+        self._ll_pending = hook
+        return hook
+
+    def _ll_handle_views(self, handle):
+        dev = getattr(handle, "dev", None)
+        if dev is not None and getattr(handle, "buffer_id", None) == self._id:
+            return dev
+        return device_view(handle[0], "handle[0]"), device_view(handle[1], "handle[1]")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1182,6 +1723,42 @@ def _as_u16(a):
     if a is None or a.dtype == np.uint16:
         return a
     return a.view(np.uint16)
+
+
+def _on(stream):
+    """``with`` this to make CuPy use ``stream`` (None: nothing, host mode)."""
+    return contextlib.nullcontext() if stream is None else stream
+
+
+def _torch_dtype(name):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _allocate_symmetric(group, device, nbytes, allow_mnnvl):
+    """Join (or start) this process's NVSHMEM world and allocate ``nbytes`` of symmetric
+    memory (collective). On failure the NVSHMEM reference is dropped again."""
+    import os
+
+    from numba_ep.memory import SymmetricBuffer, nvshmem_finalize, nvshmem_init, nvshmem_runtime
+
+    global _heap_env_ours
+    if not allow_mnnvl:
+        os.environ.setdefault("NVSHMEM_DISABLE_MNNVL", "1")
+    if nvshmem_runtime() is None:
+        # The heap is sized once, when NVSHMEM starts. A size this module set for an earlier
+        # (since finalised) world is raised when this buffer needs more; a user's is kept.
+        want = str(nbytes + _NVSHMEM_HEAP_MARGIN)
+        cur = os.environ.get("NVSHMEM_SYMMETRIC_SIZE")
+        if cur is None or (cur == _heap_env_ours and int(cur) < int(want)):
+            os.environ["NVSHMEM_SYMMETRIC_SIZE"] = _heap_env_ours = want
+    nvshmem_init(group, device)
+    try:
+        return SymmetricBuffer(nbytes)
+    except BaseException:
+        nvshmem_finalize()
+        raise
 
 
 def _gpus_per_node(num_ranks):

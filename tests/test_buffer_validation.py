@@ -462,13 +462,13 @@ def test_broken_buffer_refuses_calls(kernels, inp, monkeypatch):
            "rank 1")
 
 
-def test_low_latency_is_not_faked():
+def test_shrink_mode_is_not_faked():
+    # low-latency mode itself: tests/test_buffer_low_latency.py
     buf = host_buffer()
-    for name in ("clean_low_latency_buffer", "low_latency_dispatch", "low_latency_combine",
-                 "get_next_low_latency_combine_buffer", "low_latency_update_mask_buffer",
-                 "low_latency_query_mask_buffer", "low_latency_clean_mask_buffer"):
-        raises(NotImplementedError, lambda: getattr(buf, name)(), "low-latency mode is not "
-               "implemented yet (issue: low-latency)")
+    for name in ("low_latency_update_mask_buffer", "low_latency_query_mask_buffer",
+                 "low_latency_clean_mask_buffer"):
+        raises(NotImplementedError, lambda: getattr(buf, name)(), "shrink mode",
+               "not implemented yet")
 
 
 @pytest.mark.parametrize("kwargs, exc, fragments", [
