@@ -16,23 +16,10 @@ import os
 import sys
 
 
-def gpu_count() -> int:
-    """CUDA devices visible, without importing numba (which must not see the simulator flag late)."""
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        return 0
-    try:
-        from cuda.bindings import driver
-
-        (err,) = driver.cuInit(0)
-        if err != driver.CUresult.CUDA_SUCCESS:
-            return 0
-        err, n = driver.cuDeviceGetCount()
-        return int(n) if err == driver.CUresult.CUDA_SUCCESS else 0
-    except Exception:
-        return 0
-
-
 def main(argv=None) -> int:
+    from numba_ep.group import gpu_count
+
+
     p = argparse.ArgumentParser(prog="python -m numba_ep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)

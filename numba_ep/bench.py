@@ -314,7 +314,7 @@ def _nccl_all_to_all(group, tokens_to_rank, hidden, stream):
 
 
 def bench_intranode(ranks=None):
-    from numba_ep.__main__ import gpu_count
+    from numba_ep.group import gpu_count
     from numba_ep.group import spawn
 
     n = ranks or gpu_count()
@@ -350,7 +350,7 @@ def bench_low_latency(ranks=None, num_tokens=128, hidden=7168, num_topk=8, num_e
                       num_iters=60):
     """Spawn one rank per local GPU (or ``ranks``) running ``numba_ep.bench_ll``'s
     measurement; times are the slowest rank's medians, bandwidths the mean over ranks."""
-    from numba_ep.__main__ import gpu_count
+    from numba_ep.group import gpu_count
     from numba_ep.bench_ll import bench_low_latency as measure
     from numba_ep.group import spawn
 

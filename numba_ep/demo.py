@@ -140,7 +140,7 @@ def gpu_demo(num_ranks=None, use_mpi=False) -> int:
         for line in lines:
             print(f"[rank {group.rank}] {line}")
         return 0 if ok else 1
-    from numba_ep.__main__ import gpu_count
+    from numba_ep.group import gpu_count
 
     n = num_ranks or gpu_count()
     print(f"numba_ep demo on {n} GPU(s), one process each")

@@ -485,18 +485,22 @@ def as_group(obj=None) -> Group:
         f"None; got {type(obj).__module__}.{type(obj).__qualname__}")
 
 
-def _gpus_visible() -> bool:
-    """Whether the CUDA driver sees a device (without creating a context)."""
+def gpu_count() -> int:
+    """CUDA devices the driver sees, without creating a context or importing numba (0 under the
+    numba simulator, without a driver, or without a device). The one place that answers
+    "is there a GPU here" for the CLI, spawn and the tests."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return 0
     try:
         from cuda.bindings import driver
 
         (err,) = driver.cuInit(0)
         if err != driver.CUresult.CUDA_SUCCESS:
-            return False
+            return 0
         err, n = driver.cuDeviceGetCount()
-        return err == driver.CUresult.CUDA_SUCCESS and n > 0
+        return int(n) if err == driver.CUresult.CUDA_SUCCESS else 0
     except Exception:
-        return False
+        return 0
 
 
 def current_device(group=None) -> int:
@@ -619,7 +623,7 @@ def _child_main(target, rank, size, store, device, group_timeout, args, kwargs):
     _SPAWN_GROUP = group
     failed = False
     try:
-        if _gpus_visible():
+        if gpu_count() > 0:
             current_device(group)  # this rank's GPU is current before fn runs
         fn = _resolve_target(target)
         result = fn(group, *args, **kwargs)

@@ -22,22 +22,9 @@ sys.path.insert(0, os.path.dirname(__file__))  # so spawned ranks can import tes
 import numba_ep  # noqa: E402,F401  (NumPy shim first)
 
 
-def _gpu_count() -> int:
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        return 0
-    try:
-        from cuda.bindings import driver
+from numba_ep.group import gpu_count  # noqa: E402
 
-        (err,) = driver.cuInit(0)
-        if err != driver.CUresult.CUDA_SUCCESS:
-            return 0
-        err, n = driver.cuDeviceGetCount()
-        return int(n) if err == driver.CUresult.CUDA_SUCCESS else 0
-    except Exception:
-        return 0
-
-
-GPU_COUNT = _gpu_count()
+GPU_COUNT = gpu_count()
 
 
 def pytest_collection_modifyitems(config, items):

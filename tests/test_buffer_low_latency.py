@@ -596,10 +596,11 @@ def test_bench_low_latency_rows(monkeypatch):
 
 def test_cli_accepts_bench_low_latency(monkeypatch):
     import numba_ep.__main__ as cli
+    import numba_ep.group
     from numba_ep import bench
 
     got = {}
-    monkeypatch.setattr(cli, "gpu_count", lambda: 2)
+    monkeypatch.setattr(numba_ep.group, "gpu_count", lambda: 2)
     monkeypatch.setattr(bench, "main", lambda name, json_path=None, ranks=None:
                         got.update(name=name, ranks=ranks) or 0)
     assert cli.main(["bench", "low-latency", "--ranks", "2"]) == 0

@@ -24,23 +24,13 @@ import sys
 import pytest
 
 import numba_ep  # noqa: F401  (NumPy shim first)
+from numba_ep.group import gpu_count  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKERS = os.path.join(HERE, "workers_buffer_ll.py")
 
 
-def _gpu_count():
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        return 0
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount()
-    except Exception:
-        return 0
-
-
-GPUS = _gpu_count()
+GPUS = gpu_count()
 
 
 @pytest.fixture(scope="module")

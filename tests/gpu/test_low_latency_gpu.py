@@ -30,23 +30,13 @@ import sys
 import pytest
 
 import numba_ep  # noqa: F401  (NumPy shim first)
+from numba_ep.group import gpu_count  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKERS = os.path.join(HERE, "workers_low_latency.py")
 
 
-def _gpu_count():
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        return 0
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount()
-    except Exception:
-        return 0
-
-
-GPUS = _gpu_count()
+GPUS = gpu_count()
 needs_1 = pytest.mark.skipif(GPUS < 1, reason=f"needs a CUDA GPU (found {GPUS})")
 needs_2 = pytest.mark.skipif(GPUS < 2, reason=f"needs 2 CUDA GPUs in this host (found {GPUS})")
 

@@ -9,21 +9,13 @@ import os
 import pytest
 
 import numba_ep  # noqa: F401  (NumPy shim first)
+from numba_ep.group import gpu_count  # noqa: E402
 from numba_ep.group import SpawnError, spawn
 
 WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers_memory.py")
 
 
-def _gpu_count():
-    try:
-        import cupy
-
-        return cupy.cuda.runtime.getDeviceCount()
-    except Exception:
-        return 0
-
-
-GPUS = _gpu_count()
+GPUS = gpu_count()
 needs_1 = pytest.mark.skipif(GPUS < 1, reason=f"needs a CUDA GPU (found {GPUS})")
 needs_2 = pytest.mark.skipif(GPUS < 2, reason=f"needs 2 CUDA GPUs in this host (found {GPUS})")
 
