@@ -173,39 +173,26 @@ else:
 # ---------------------------------------------------------------------------------------------
 
 @cuda.jit(device=True, inline=True)
-def _wcopy16(dst, src, i0, i1, lane):
-    """Warp copy of the 16-byte vectors ``[i0, i1)`` with coherent loads (data written earlier
-    by this block, or acquired from a peer) and no-allocate stores. Each lane issues eight
-    predicated loads before its first store, so a 7 KB message costs two memory round trips
-    instead of one per vector; the eight vectors stay in registers."""
-    buf = cuda.local.array((8, 4), uint32)
-    base = i0
-    while base < i1:
-        for q in range(8):
-            i = base + q * 32 + lane
-            if i < i1:
-                a0, a1, a2, a3 = ptx.ld_v4(src + uint64(i * 16))
-                buf[q, 0] = a0
-                buf[q, 1] = a1
-                buf[q, 2] = a2
-                buf[q, 3] = a3
-        for q in range(8):
-            i = base + q * 32 + lane
-            if i < i1:
-                ptx.st_na_v4(dst + uint64(i * 16), buf[q, 0], buf[q, 1], buf[q, 2], buf[q, 3])
-        base += 256
+def _ld16(addr, immutable):
+    if immutable:
+        return ptx.ld_nc_v4(addr)
+    return ptx.ld_v4(addr)
 
 
 @cuda.jit(device=True, inline=True)
-def _wcopy16_nc(dst, src, i0, i1, lane):
-    """_wcopy16 with non-coherent loads, for inputs that no kernel writes while it runs."""
+def _wcopy16(dst, src, i0, i1, lane, immutable):
+    """Warp copy of the 16-byte vectors ``[i0, i1)`` with no-allocate stores. Loads are coherent
+    (data written earlier by this block, or acquired from a peer) unless ``immutable`` (inputs no
+    kernel writes while this one runs: the non-coherent path). Each lane issues eight predicated
+    loads before its first store, so a 7 KB message costs two memory round trips instead of one
+    per vector; the eight vectors stay in registers."""
     buf = cuda.local.array((8, 4), uint32)
     base = i0
     while base < i1:
         for q in range(8):
             i = base + q * 32 + lane
             if i < i1:
-                a0, a1, a2, a3 = ptx.ld_nc_v4(src + uint64(i * 16))
+                a0, a1, a2, a3 = _ld16(src + uint64(i * 16), immutable)
                 buf[q, 0] = a0
                 buf[q, 1] = a1
                 buf[q, 2] = a2
@@ -496,7 +483,7 @@ def make_dispatch_send(num_ranks, num_experts, hidden, num_topk, max_tokens, use
                         peer = bufs[dst]
                         if peer != 0:
                             if vec16:
-                                _wcopy16(peer + uint64(off), msg, 0, N16, lane)
+                                _wcopy16(peer + uint64(off), msg, 0, N16, lane, False)
                             else:
                                 _wcopy4(peer + uint64(off), msg, 0, N4, lane)
                         elif use_nvshmem:
@@ -621,7 +608,7 @@ def make_dispatch_recv(num_ranks, num_experts, hidden, max_tokens, use_fp8, use_
                 slot = base + uint64(recv_off + (int64(le * R + src) * M + (j - pre[src])) * MSG)
                 row = int64(le) * RM + j
                 if vec16:
-                    _wcopy16(out_x + uint64(row * ROWB), slot + uint64(16), 0, DATA16, lane)
+                    _wcopy16(out_x + uint64(row * ROWB), slot + uint64(16), 0, DATA16, lane, False)
                 else:
                     _wcopy4(out_x + uint64(row * ROWB), slot + uint64(16), 0, DATA4, lane)
                 if lane == 0:
@@ -766,10 +753,9 @@ def make_combine_send(num_ranks, num_experts, hidden, max_tokens, use_logfmt, ze
                 if vec16:
                     i0 = c * CH16
                     i1 = min(i0 + CH16, ROW16)
-                    if zero_copy:
-                        _wcopy16(peer + uint64(slot_off), src_row, i0, i1, lane)
-                    else:
-                        _wcopy16_nc(peer + uint64(slot_off), src_row, i0, i1, lane)
+                    # The zero-copy buffer was written by the caller's kernels on this stream;
+                    # x is a plain input.
+                    _wcopy16(peer + uint64(slot_off), src_row, i0, i1, lane, not zero_copy)
                 else:
                     i0 = c * CH4
                     _wcopy4(peer + uint64(slot_off), src_row, i0, min(i0 + CH4, ROW4), lane)
