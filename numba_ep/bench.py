@@ -203,7 +203,6 @@ def intranode_rank(group, num_tokens=4096, hidden=7168, num_topk=8, num_experts=
     """One rank of ``bench intranode`` (a module-level function so that spawn can start it)."""
     import cupy as cp
 
-    from numba_ep import reference
     from numba_ep.buffer import Buffer
     from numba_ep.config import Config
     from numba_ep.demo import _random_topk

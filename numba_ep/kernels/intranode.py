@@ -52,11 +52,10 @@ NVLink stores the remote half alone takes ~170 us: that is the floor this design
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
-from numba import cuda, float32, int32, int64, uint16, uint32, uint64
+from numba import cuda, float32, int32, int64, uint32, uint64
 
 from numba_ep.kernels import ptx
 from numba_ep.kernels.barrier import barrier_block

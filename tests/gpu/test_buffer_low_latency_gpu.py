@@ -19,7 +19,6 @@ Run on the GPU machine, from the repository root:
 (on one GPU the EP2 test skips). Collects on a CPU machine; the tests skip there.
 """
 import os
-import sys
 
 import pytest
 
@@ -39,18 +38,9 @@ def compiled():
     cache (so that the ranks only load cubins and start together)."""
     if GPUS < 1:
         pytest.skip(f"needs a CUDA GPU (found {GPUS})")
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from parallel_compile import compile_for
 
-    sys.path.insert(0, HERE)
-    import workers_buffer_ll as W
-
-    specs = []
-    for n in sorted({1, min(GPUS, 2)}):
-        specs += W.kernel_specs(n)
-    workers = max(1, min(8, (os.cpu_count() or 2) // 2, len(specs)))
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        return list(pool.map(W.compile_spec, specs))
+    return compile_for("workers_buffer_ll", GPUS)
 
 
 def _check(report, with_timeout):

@@ -25,7 +25,6 @@ Run on the GPU machine, from the repository root:
 (on one GPU the EP2 tests skip; ``-s`` shows the benchmark numbers).
 """
 import os
-import sys
 
 import pytest
 
@@ -50,19 +49,9 @@ def compiled():
     """
     if GPUS < 1:
         pytest.skip(f"needs a CUDA GPU (found {GPUS})")
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from parallel_compile import compile_for
 
-    sys.path.insert(0, HERE)
-    import workers_low_latency as W
-
-    specs = []
-    for n in sorted({1, min(GPUS, 2)}):
-        specs += W.kernel_specs(n)
-    workers = max(1, min(8, (os.cpu_count() or 2) // 2, len(specs)))
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        names = list(pool.map(W.compile_spec, specs))
-    return names
+    return compile_for("workers_low_latency", GPUS)
 
 
 def _run(ranks, name, nranks, *args):

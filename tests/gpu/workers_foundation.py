@@ -65,7 +65,6 @@ def nvshmem_kernel_fast_path(group):
     """A kernel that calls NVSHMEM device code, launched through numba_ep.launch: every rank puts
     its rank number into the next rank's symmetric array with nvshmem_int_p."""
     import cupy as cp
-    import nvshmem.core as nv
 
     from numba_ep.group import current_device
     from numba_ep.launch import get_kernel

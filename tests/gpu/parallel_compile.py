@@ -1,0 +1,22 @@
+"""Compile the kernels a GPU test's ranks will launch, in parallel processes, into the disk cache
+before the ranks start (so two ranks never compile the same kernel and all start together)."""
+import importlib
+import multiprocessing as mp
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def compile_for(worker_module, gpus):
+    """Compile ``worker_module.kernel_specs(n)`` for 1 and (if present) 2 ranks through
+    ``worker_module.compile_spec``; returns what compile_spec returned, in order."""
+    sys.path.insert(0, HERE)
+    w = importlib.import_module(worker_module)
+    specs = []
+    for n in sorted({1, min(gpus, 2)}):
+        specs += w.kernel_specs(n)
+    workers = max(1, min(8, (os.cpu_count() or 2) // 2, len(specs)))
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        return list(pool.map(w.compile_spec, specs))
