@@ -79,7 +79,7 @@ def bench_launch():
     rows = {}
     with stream:
         k.launch(1, 32, *ptrs, n, stream=stream)
-        rows["numba_ep fast path (cuda.core.launch)"] = _host_us_per_launch(
+        rows["numba_ep fast path (packed params, cuLaunchKernel)"] = _host_us_per_launch(
             lambda: k.launch(1, 32, *ptrs, n, stream=stream))
         assert float(arrs[0][0].get()) == 5.0, "six-argument kernel computed a wrong value"
         disp = _dispatcher_six()
