@@ -15,7 +15,7 @@ def _ptx(fn, sig):
     return ptx
 
 
-@pytest.mark.parametrize("R", [1, 2, 3, 8])
+@pytest.mark.parametrize("R", [1, 2, 3, 5, 7, 8])
 def test_kernels_compile_and_link(R, sm90):
     C, N, row16, K, S, L = 4, 64, 448, 8, 56, 16
     lay = I.RingLayout(R, C, N, row16 * 16, K, S)
@@ -77,3 +77,18 @@ def test_ballot_mask_is_not_sign_extended(sm90):
     assert regs
     # The token walk must see the ballot zero-extended (the buggy build only sign-extended it).
     assert any(re.search(r"cvt\.u64\.u32\s+%rd\d+,\s*" + re.escape(r) + r";", ptx) for r in regs)
+
+
+@pytest.mark.parametrize("R", range(1, 9))
+def test_every_rank_count_schedules(R):
+    """Any rank count 1..8: each peer gets a warp group (named barrier ids 1..R stay under 16),
+    and the default configs' buffer size hints hold the rings they describe."""
+    from numba_ep.config import get_combine_config, get_dispatch_config
+
+    assert I.WARPS // R >= 1 and R + 1 <= 16
+    for cfg in (get_dispatch_config(R), get_combine_config(R)):
+        C, N = cfg.num_sms // 2, cfg.num_max_nvl_chunked_recv_tokens
+        assert N >= I.MIN_RECV_SLOTS
+        hint = cfg.get_nvl_buffer_size_hint(7168 * 2, R)
+        assert hint >= I.nvl_bytes_needed(R, C, N, 7168 * 2, 8, 7168 // 128)
+        assert hint >= I.nvl_bytes_needed(R, C, N, 7168 * 2, 16, 0)
