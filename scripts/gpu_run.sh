@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: environment check, GPU tests, benchmarks; logs under $OUT and a
-# short summary printed last.  From the repo root (with .device-bundle/ carried):
+# short summary printed last. Build the bundle first with scripts/prepare_device.sh (it adds
+# pytest to the shared bundle), then, from the repo root (with .device-bundle/ carried):
 #     bash scripts/gpu_run.sh [TESTS...] [-- BENCHES...]
 # TESTS default to tests/gpu; BENCHES default to "launch layout".
 set -uo pipefail
