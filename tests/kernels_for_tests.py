@@ -18,3 +18,14 @@ def make_axpy(alpha):
 
 
 AXPY_SIG = "void(uint64, uint64, int32)"
+
+
+def raises(exc, call, *fragments):
+    """``call()`` must raise ``exc`` whose message contains every fragment; returns the error."""
+    import pytest
+
+    with pytest.raises(exc) as e:
+        call()
+    for f in fragments:
+        assert f in str(e.value), f"{f!r} not in {str(e.value)!r}"
+    return e.value

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import numba_ep  # noqa: F401  (NumPy shim first)
+from kernels_for_tests import raises  # noqa: E402
 from numba_ep import reference
 from numba_ep.buffer import (LL_LOGFMT_MAX_HIDDEN, LL_MAX_LOCAL_EXPERTS, LL_MAX_TOPK, Buffer,
                              _LowLatencyHandle)
@@ -79,14 +80,6 @@ def fake_handle(size=2, m=M, h=H, e=E, **over):
                  m=m, h=h, e=e)
     items.update(over)
     return tuple(items.values())
-
-
-def raises(exc, call, *fragments):
-    with pytest.raises(exc) as e:
-        call()
-    for f in fragments:
-        assert f in str(e.value), f"{f!r} not in {str(e.value)!r}"
-    return e.value
 
 
 # ============================================================================ constructor

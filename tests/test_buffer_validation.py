@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import numba_ep  # noqa: F401  (NumPy shim first)
+from kernels_for_tests import raises  # noqa: E402
 from numba_ep import reference
 from numba_ep.buffer import MAX_TOPK, Buffer, _Handle, check_array, check_expert_ids
 from numba_ep.config import Config
@@ -96,14 +97,6 @@ def fake_handle(T=37, R=2, N=20, channels=C, **over):
                  in_rank=np.zeros((T, R), bool), send_head=np.full((T, R), -1, np.int32))
     items.update(over)
     return tuple(items.values())
-
-
-def raises(exc, call, *fragments):
-    with pytest.raises(exc) as e:
-        call()
-    for f in fragments:
-        assert f in str(e.value), f"{f!r} not in {str(e.value)!r}"
-    return e.value
 
 
 # ============================================================================ dispatch validation
