@@ -199,8 +199,50 @@ def _median_event_us(fn, stream, iters=30, warmup=5, group=None):
     return statistics.median(times)
 
 
-def intranode_rank(group, num_tokens=4096, hidden=7168, num_topk=8, num_experts=256, num_sms=24):
-    """One rank of ``bench intranode`` (a module-level function so that spawn can start it)."""
+def _graph_us(fn, stream, group, per_graph=10, replays=7):
+    """Device time of one ``fn()``: ``per_graph`` calls captured in one CUDA graph, the median
+    replay (every rank starting together) divided by ``per_graph``. Host work is out of the
+    picture; what remains is the kernels, their barriers included."""
+    import cupy as cp
+
+    fn()  # compiled and allocated outside the capture
+    stream.synchronize()
+    with stream:
+        stream.begin_capture()
+        for _ in range(per_graph):
+            fn()
+        graph = stream.end_capture()
+    graph.upload(stream)
+    t = _median_event_us(lambda: graph.launch(stream=stream), stream, iters=replays, warmup=2,
+                         group=group)
+    graph = None  # the captured outputs go back to the pool before the next op's capture
+    cp.get_default_memory_pool().free_all_blocks()
+    return t / per_graph
+
+
+def intranode_times(buf, group, stream, handle, recv_x, x_bf16, x_fp8, scales, cfg_d, cfg_c,
+                    graph=True):
+    """``{op: (us around the Python call, us of device time or None)}`` for dispatch BF16, FP8
+    (cached handle) and combine BF16 through ``buf``."""
+    ops = {
+        "dispatch BF16": lambda: buf.dispatch(x_bf16, handle=handle, config=cfg_d),
+        "dispatch FP8": lambda: buf.dispatch((x_fp8, scales), handle=handle, config=cfg_d),
+        "combine BF16": lambda: buf.combine(recv_x, handle, config=cfg_c),
+    }
+    out = {}
+    for name, fn in ops.items():
+        call = _median_event_us(fn, stream, group=group)
+        out[name] = (call, _graph_us(fn, stream, group) if graph else None)
+    return out
+
+
+def intranode_rank(group, num_tokens=4096, hidden=7168, num_topk=8, num_experts=256, num_sms=24,
+                   variants=None):
+    """One rank of ``bench intranode`` (a module-level function so that spawn can start it).
+
+    ``variants``: a list of ``numba_ep.kernels.intranode.TUNING`` dicts; when given, only the
+    dispatch / combine times of each variant are measured and returned as
+    ``{variant repr: {op: (call us, device us)}}`` (scripts/sweep_intranode.py)."""
     import cupy as cp
 
     from numba_ep.buffer import Buffer
@@ -227,25 +269,39 @@ def intranode_rank(group, num_tokens=4096, hidden=7168, num_topk=8, num_experts=
 
         layout = buf.get_dispatch_layout(topk, num_experts)
         per_rank, _, per_expert, in_rank, _ = layout
-        rows["layout (Buffer call incl. id check), us"] = _median_event_us(
-            lambda: buf.get_dispatch_layout(topk, num_experts), stream)
         recv_x, _, _, _, handle, _ = buf.dispatch(
             x_bf16, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
             num_tokens_per_expert=per_expert, topk_idx=topk, topk_weights=weights, config=cfg_d)
+        if variants is not None:
+            from numba_ep.kernels import intranode
+
+            saved = dict(intranode.TUNING)
+            try:
+                for v in variants:
+                    intranode.TUNING.clear()
+                    intranode.TUNING.update(v)
+                    rows[repr(v)] = intranode_times(buf, group, stream, handle, recv_x, x_bf16,
+                                                    x_fp8, scales, cfg_d, cfg_c)
+            finally:
+                intranode.TUNING.clear()
+                intranode.TUNING.update(saved)
+            group.barrier()
+            buf.destroy()
+            return rows
+        rows["layout (Buffer call incl. id check), us"] = _median_event_us(
+            lambda: buf.get_dispatch_layout(topk, num_experts), stream)
         n_recv = recv_x.shape[0]
         rank_prefix = cp.asnumpy(handle[0])
         n_local = int(rank_prefix[rank, rank] - (rank_prefix[rank - 1, rank] if rank else 0))
         n_remote = n_recv - n_local
-        t_bf16 = _median_event_us(lambda: buf.dispatch(x_bf16, handle=handle, config=cfg_d),
-                                  stream, group=group)
-        t_fp8 = _median_event_us(lambda: buf.dispatch((x_fp8, scales), handle=handle,
-                                                      config=cfg_d), stream, group=group)
-        t_comb = _median_event_us(lambda: buf.combine(recv_x, handle, config=cfg_c), stream,
-                                  group=group)
+        times = intranode_times(buf, group, stream, handle, recv_x, x_bf16, x_fp8, scales,
+                                cfg_d, cfg_c)
         bf16_row, fp8_row = hidden * 2, hidden + hidden // 128 * 4
-        for name, t, row in (("dispatch BF16", t_bf16, bf16_row), ("dispatch FP8", t_fp8, fp8_row),
-                             ("combine BF16", t_comb, bf16_row)):
+        for name, row in (("dispatch BF16", bf16_row), ("dispatch FP8", fp8_row),
+                          ("combine BF16", bf16_row)):
+            t, t_dev = times[name]
             rows[f"{name}, us"] = t
+            rows[f"{name}, device us (graph replay)"] = t_dev
             rows[f"{name}, logical GB/s"] = n_recv * row / t / 1e3
             rows[f"{name}, NVLink (remote rows) GB/s"] = n_remote * row / t / 1e3
         rows["received rows (local + remote)"] = float(n_recv)

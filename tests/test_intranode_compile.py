@@ -35,14 +35,23 @@ def test_kernels_compile_and_link(R, sm90):
 def test_ptx_has_the_ordering_and_vector_instructions(sm90):
     R, C, N, row16, K, S, L = 2, 4, 64, 448, 8, 56, 16
     lay = I.RingLayout(R, C, N, row16 * 16, K, S)
-    d = _ptx(I.make_dispatch(R, C, N, row16, K, S, L, **lay.constants()), I.DISPATCH_SIG)
-    for frag in ("st.release.sys.global.s32", "ld.acquire.sys.global", "bar.sync",
-                 "ld.volatile.global.v4.u32", "st.global.L1::no_allocate.v4.u32", "%globaltimer"):
+    nc = "ld.global.nc.L1::no_allocate.L2::256B.v4.u32"
+    d = _ptx(I.make_dispatch(R, C, N, row16, K, S, L, **lay.constants(), **I.TUNING),
+             I.DISPATCH_SIG)
+    for frag in ("st.release.sys.global.s32", "ld.acquire.sys.global", "bar.sync", nc,
+                 "st.global.L1::no_allocate.v4.u32", "%globaltimer"):
         assert frag in d, frag
-    c = _ptx(I.make_combine(R, C, N, row16, K, **lay.constants()), I.COMBINE_SIG)
-    for frag in ("st.release.sys.global.s32", "ld.acquire.sys.global", "cvt.rn.bf16x2.f32",
-                 "ld.volatile.global.v4.u32", "st.global.L1::no_allocate.v4.u32"):
+    c = _ptx(I.make_combine(R, C, N, row16, K, **lay.constants(), **I.TUNING), I.COMBINE_SIG)
+    for frag in ("st.release.sys.global.s32", "ld.acquire.sys.global", "cvt.rn.bf16x2.f32", nc,
+                 "st.global.L1::no_allocate.v4.u32"):
         assert frag in c, frag
+    # unroll=8: eight 16-byte loads issued back to back before the first store of a round.
+    first = d.index(nc)
+    assert d[first:d.index("st.global.L1::no_allocate.v4.u32", first)].count(nc) >= 8
+    # ring_nc=False: ring slots are read with volatile loads (x still through the nc path).
+    v = _ptx(I.make_dispatch(R, C, N, row16, K, S, L, **lay.constants(), ring_nc=False, unroll=4),
+             I.DISPATCH_SIG)
+    assert "ld.volatile.global.v4.u32" in v and nc in v
     n = _ptx(I.make_notify_dispatch(R, C, L, lay.rank_counts, lay.chan_counts, lay.expert_counts,
                                     lay.tail, lay.head), I.NOTIFY_SIG)
     assert "atom.sys.global.add.s32" in n  # the barrier

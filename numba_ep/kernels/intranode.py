@@ -68,6 +68,12 @@ MAX_RANKS = 8
 MIN_RECV_SLOTS = 64         # combine: a sender batch (32) plus a receiver batch (<= 32) in flight
 NOTIFY_THREADS = 512
 
+#: Compile-time choices of the dispatch and combine kernels, swept by scripts/sweep_intranode.py;
+#: the defaults are the fastest measured (notes/perf.md). ``ring_nc``: receivers read ring slots
+#: through the non-coherent path (after acquiring the tail) rather than with volatile loads.
+#: ``unroll``: 16-byte loads in flight per lane in row copies (4 or 8).
+TUNING = {"ring_nc": True, "unroll": 8}
+
 _NOTIFY = KERNEL_IDS["notify_dispatch"]
 _CACHED = KERNEL_IDS["cached_notify"]
 _DISPATCH = KERNEL_IDS["dispatch"]
@@ -134,35 +140,68 @@ def channel_range(num_tokens, num_channels, c):
 
 
 @cuda.jit(device=True, inline=True)
-def _ld16(addr, immutable):
-    if immutable:
+def _ld16(addr, nc):
+    if nc:
         return ptx.ld_nc_v4(addr)
     return ptx.ld_volatile_v4(addr)
 
 
 @cuda.jit(device=True, inline=True)
-def copy_row(dst, src, n16, lane, immutable):
-    """Warp-wide copy of ``n16`` 16-byte vectors, four loads in flight per lane.
+def copy_row(dst, src, n16, lane, nc, unroll):
+    """Warp-wide copy of ``n16`` 16-byte vectors, ``unroll`` (4 or 8) loads in flight per lane.
 
-    ``immutable`` sources (the caller's x, read-only for the whole kernel) use the non-coherent
-    path with no L1 allocation; ring slots are rewritten by a peer while this SM may still hold an
-    older copy of the line in L1, so they are read with volatile loads.
+    ``nc``: read through the non-coherent path with no L1 allocation. Right for the caller's x
+    (read-only for the whole kernel) and, as in DeepEP, for ring slots read after the acquire of
+    their tail: nothing ever allocates ring lines in L1, so no stale copy can be hit. Without it
+    the loads are volatile (each one a fresh read of L2), slower but beyond doubt.
+    Bytes in flight per warp (32 x 16 x unroll) are what bound a warp's copy rate: each load
+    round costs one memory latency.
     """
     i = lane
+    if unroll >= 8:
+        while i + 224 < n16:
+            a0, a1, a2, a3 = _ld16(src + uint64(i * 16), nc)
+            b0, b1, b2, b3 = _ld16(src + uint64((i + 32) * 16), nc)
+            c0, c1, c2, c3 = _ld16(src + uint64((i + 64) * 16), nc)
+            d0, d1, d2, d3 = _ld16(src + uint64((i + 96) * 16), nc)
+            e0, e1, e2, e3 = _ld16(src + uint64((i + 128) * 16), nc)
+            f0, f1, f2, f3 = _ld16(src + uint64((i + 160) * 16), nc)
+            g0, g1, g2, g3 = _ld16(src + uint64((i + 192) * 16), nc)
+            h0, h1, h2, h3 = _ld16(src + uint64((i + 224) * 16), nc)
+            ptx.st_na_v4(dst + uint64(i * 16), a0, a1, a2, a3)
+            ptx.st_na_v4(dst + uint64((i + 32) * 16), b0, b1, b2, b3)
+            ptx.st_na_v4(dst + uint64((i + 64) * 16), c0, c1, c2, c3)
+            ptx.st_na_v4(dst + uint64((i + 96) * 16), d0, d1, d2, d3)
+            ptx.st_na_v4(dst + uint64((i + 128) * 16), e0, e1, e2, e3)
+            ptx.st_na_v4(dst + uint64((i + 160) * 16), f0, f1, f2, f3)
+            ptx.st_na_v4(dst + uint64((i + 192) * 16), g0, g1, g2, g3)
+            ptx.st_na_v4(dst + uint64((i + 224) * 16), h0, h1, h2, h3)
+            i += 256
     while i + 96 < n16:
-        a0, a1, a2, a3 = _ld16(src + uint64(i * 16), immutable)
-        b0, b1, b2, b3 = _ld16(src + uint64((i + 32) * 16), immutable)
-        c0, c1, c2, c3 = _ld16(src + uint64((i + 64) * 16), immutable)
-        d0, d1, d2, d3 = _ld16(src + uint64((i + 96) * 16), immutable)
+        a0, a1, a2, a3 = _ld16(src + uint64(i * 16), nc)
+        b0, b1, b2, b3 = _ld16(src + uint64((i + 32) * 16), nc)
+        c0, c1, c2, c3 = _ld16(src + uint64((i + 64) * 16), nc)
+        d0, d1, d2, d3 = _ld16(src + uint64((i + 96) * 16), nc)
         ptx.st_na_v4(dst + uint64(i * 16), a0, a1, a2, a3)
         ptx.st_na_v4(dst + uint64((i + 32) * 16), b0, b1, b2, b3)
         ptx.st_na_v4(dst + uint64((i + 64) * 16), c0, c1, c2, c3)
         ptx.st_na_v4(dst + uint64((i + 96) * 16), d0, d1, d2, d3)
         i += 128
     while i < n16:
-        a0, a1, a2, a3 = _ld16(src + uint64(i * 16), immutable)
+        a0, a1, a2, a3 = _ld16(src + uint64(i * 16), nc)
         ptx.st_na_v4(dst + uint64(i * 16), a0, a1, a2, a3)
         i += 32
+
+
+@cuda.jit(device=True, inline=True)
+def peer_group(warp, rank, num_ranks, warps_per_peer):
+    """Warps split into groups over the R - 1 peers other than ``rank`` (warps_per_peer each):
+    returns (peer, warp index inside the group, group index); peer = -1 for warps left over."""
+    grp = warp // warps_per_peer
+    peer = grp + 1 if grp >= rank else grp
+    if grp >= num_ranks - 1:
+        peer = -1
+    return peer, warp % warps_per_peer, grp
 
 
 @cuda.jit(device=True, inline=True)
@@ -338,14 +377,15 @@ DISPATCH_SIG = ("void(uint64, int32, int32, uint64, uint64, int64, int64, uint64
 
 def make_dispatch(num_ranks, num_channels, num_recv_slots, row16, num_topk, num_scales,
                   num_local_experts, off_tail, off_head, off_x, off_src, off_topk, off_weight,
-                  off_scales, **_unused_offsets):
+                  off_scales, ring_nc=True, unroll=8, **_unused_offsets):
     """Arguments: buffer table, rank, T, x, scales, scales stride 0 and 1 (elements), topk_idx,
     topk_weights, is_token_in_rank, channel_prefix_matrix, rank_prefix_matrix,
     recv_channel_prefix_matrix, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
     recv_src_idx, send_head (0 = cached mode), num_worst_tokens, timeout_ns, err_addr."""
     R, C, N, H16, K, S, L = (num_ranks, num_channels, num_recv_slots, row16, num_topk,
                              num_scales, num_local_experts)
-    WPG = WARPS // R
+    WPG = WARPS // R                    # sender: a group per destination, me included
+    RWPG = WARPS // max(R - 1, 1)       # receiver: a group per remote source
     ROW = H16 * 16
 
     def dispatch(bufs_addr, rank, num_tokens, x_addr, sc_addr, sc_s0, sc_s1, topk_addr, w_addr,
@@ -418,7 +458,7 @@ def make_dispatch(num_ranks, num_channels, num_recv_slots, row16, num_topk, num_
                         else:
                             row = int64(ring + p % N)
                             dst_x = peer + uint64(off_x + row * ROW)
-                        copy_row(dst_x, x_addr + uint64(tok * ROW), H16, lane, True)
+                        copy_row(dst_x, x_addr + uint64(tok * ROW), H16, lane, True, unroll)
                         if lane == 0:
                             if local:
                                 ptx.ptr_i32(rsrc_addr)[row] = int32(tok)
@@ -452,9 +492,10 @@ def make_dispatch(num_ranks, num_channels, num_recv_slots, row16, num_topk, num_
                         if wg == 0 and lane == 0:
                             ptx.st_release_sys_i32(peer + uint64(off_tail + 4 * (c * R + rank)), pos)
                 b0 += 32
-        elif g < R:
-            src = g
-            if src != rank:
+        elif not is_sender:
+            # All warps serve the R - 1 remote sources (rows for me were written by my sender).
+            src, wg, grp = peer_group(warp, rank, R, RWPG)
+            if src >= 0:
                 base, count = channel_block(rank_prefix, recv_chan_prefix, src, rank, c, R, C)
                 tail_addr = mine + uint64(off_tail + 4 * (c * R + src))
                 ring = (c * R + src) * N
@@ -470,15 +511,15 @@ def make_dispatch(num_ranks, num_channels, num_recv_slots, row16, num_topk, num_
                                 tail = count  # give up: copy whatever is there and leave
                                 break
                             tail = ptx.ld_acquire_sys_i32(tail_addr)
-                        tails[src] = tail
-                    ptx.bar_sync(g + 1, WPG * 32)
-                    tail = tails[src]
+                        tails[grp] = tail
+                    ptx.bar_sync(grp + 1, RWPG * 32)
+                    tail = tails[grp]
                     p = head + wg
                     while p < tail:
                         slot = int64(ring + p % N)
                         row = int64(base + p)
                         copy_row(rx_addr + uint64(row * ROW), mine + uint64(off_x + slot * ROW),
-                                 H16, lane, False)
+                                 H16, lane, ring_nc, unroll)
                         if lane == 0:
                             ptx.ptr_i32(rsrc_addr)[row] = ptx.ld_volatile_i32(
                                 mine + uint64(off_src + 4 * slot))
@@ -493,8 +534,8 @@ def make_dispatch(num_ranks, num_channels, num_recv_slots, row16, num_topk, num_
                                 ptx.ptr_u32(rsc_addr)[row * S + j] = ptx.ld_volatile_u32(
                                     mine + uint64(off_scales + 4 * (slot * S + j)))
                                 j += 32
-                        p += WPG
-                    ptx.bar_sync(g + 1, WPG * 32)
+                        p += RWPG
+                    ptx.bar_sync(grp + 1, RWPG * 32)
                     if wg == 0 and lane == 0:
                         # Slots [head, tail) are free again: tell the sender, in its buffer.
                         ptx.st_release_sys_i32(
@@ -538,12 +579,12 @@ def _add_bf16x8(acc, u, a, b, c, d):
 
 
 def make_combine(num_ranks, num_channels, num_recv_slots, row16, num_topk, off_tail, off_head,
-                 off_x, off_weight, **_unused_offsets):
+                 off_x, off_weight, ring_nc=True, unroll=8, **_unused_offsets):
     """Arguments: buffer table, rank, T, x (bf16 [N_recv, H]), topk_weights (0 = none), bias0,
     bias1 (0 = none), rank_prefix_matrix, recv_channel_prefix_matrix, send_head, out (bf16 [T,H]),
     out_topk_weights, timeout_ns, err_addr."""
     R, C, N, H16, K = num_ranks, num_channels, num_recv_slots, row16, num_topk
-    WPG = WARPS // R
+    SWPG = WARPS // max(R - 1, 1)       # sender: a group per remote destination
     ROW = H16 * 16
     U = 4 if R <= 4 else 2  # columns per lane per step (registers: U * (8 + 4) per lane)
 
@@ -561,9 +602,9 @@ def make_combine(num_ranks, num_channels, num_recv_slots, row16, num_topk, off_t
         send_head = ptx.ptr_i32(send_head_addr)
 
         if (cuda.blockIdx.x & 1) == 0:
-            dst = warp // WPG
-            wg = warp % WPG
-            if dst < R and dst != rank:
+            # All warps serve the R - 1 remote destinations (my own rows are read in place).
+            dst, wg, grp = peer_group(warp, rank, R, SWPG)
+            if dst >= 0:
                 # My rows that came from dst in channel c go back into ring (c, me) of dst.
                 start, count = channel_block(rank_prefix, recv_chan_prefix, dst, rank, c, R, C)
                 peer = bufs[dst]
@@ -587,13 +628,13 @@ def make_combine(num_ranks, num_channels, num_recv_slots, row16, num_topk, off_t
                         row = int64(start + p)
                         slot = int64(ring + p % N)
                         copy_row(peer + uint64(off_x + slot * ROW), x_addr + uint64(row * ROW),
-                                 H16, lane, True)
+                                 H16, lane, True, unroll)
                         if K > 0 and lane < K:
                             ptx.ptr_f32(peer + uint64(off_weight))[slot * K + lane] = \
                                 ptx.ptr_f32(w_addr)[row * K + lane]
-                        p += WPG
+                        p += SWPG
                     pos += nb
-                    ptx.bar_sync(dst + 1, WPG * 32)
+                    ptx.bar_sync(grp + 1, SWPG * 32)
                     if wg == 0 and lane == 0:
                         ptx.st_release_sys_i32(peer + uint64(off_tail + 4 * (c * R + rank)), pos)
         else:
@@ -655,11 +696,8 @@ def make_combine(num_ranks, num_channels, num_recv_slots, row16, num_topk, off_t
                                 for u in range(U):
                                     j = j0 + 32 * u
                                     if j < H16:
-                                        if d == rank:
-                                            a0, a1, a2, a3 = ptx.ld_nc_v4(base_d + uint64(j * 16))
-                                        else:
-                                            a0, a1, a2, a3 = ptx.ld_volatile_v4(
-                                                base_d + uint64(j * 16))
+                                        a0, a1, a2, a3 = _ld16(base_d + uint64(j * 16),
+                                                               d == rank or ring_nc)
                                         vals[u, 0] = a0
                                         vals[u, 1] = a1
                                         vals[u, 2] = a2
@@ -850,7 +888,7 @@ def dispatch(ctx, x_bytes, x_scales, topk_idx, topk_weights, is_token_in_rank,
     k = get_kernel(make_dispatch, DISPATCH_SIG, launch_bounds=(THREADS, 1), num_ranks=R,
                    num_channels=C,
                    num_recv_slots=num_recv_slots, row16=row // 16, num_topk=K, num_scales=S,
-                   num_local_experts=num_experts // R, **lay.constants())
+                   num_local_experts=num_experts // R, **lay.constants(), **TUNING)
     k.launch(2 * C, THREADS, ctx.bufs, ctx.rank, T, _addr(x_bytes), _addr(x_scales), s0, s1,
              _addr(topk_idx), _addr(topk_weights), _addr(is_token_in_rank),
              _addr(channel_prefix_matrix), _addr(rank_prefix_matrix),
@@ -881,7 +919,8 @@ def combine(ctx, x_bf16, topk_weights, bias0, bias1, recv_src_idx, rank_prefix_m
     lay = ctx.layout(C, num_recv_slots, row, K, 0)
     k = get_kernel(make_combine, COMBINE_SIG, launch_bounds=(THREADS, 1), num_ranks=R,
                    num_channels=C,
-                   num_recv_slots=num_recv_slots, row16=row // 16, num_topk=K, **lay.constants())
+                   num_recv_slots=num_recv_slots, row16=row // 16, num_topk=K, **lay.constants(),
+                   **TUNING)
     k.launch(2 * C, THREADS, ctx.bufs, ctx.rank, T, _addr(x_bf16), _addr(topk_weights),
              _addr(bias0), _addr(bias1), _addr(rank_prefix_matrix),
              _addr(recv_channel_prefix_matrix), _addr(send_head), _addr(out),
