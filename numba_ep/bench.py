@@ -220,10 +220,33 @@ def _graph_us(fn, stream, group, per_graph=10, replays=7):
     return t / per_graph
 
 
+def _pipelined_us(fn, stream, group, iters=30, warmup=5):
+    """DeepEP's method: ``iters`` calls enqueued back to back (no host wait between them), an
+    event pair around each, the median pair; while the host keeps ahead of the GPU this is the
+    GPU's time per call. Also returns the host's wall time per call of the enqueue loop."""
+    import cupy as cp
+
+    for _ in range(warmup):
+        fn()
+    stream.synchronize()
+    group.barrier()
+    evs = [(cp.cuda.Event(), cp.cuda.Event()) for _ in range(iters)]
+    t0 = time.perf_counter()
+    for e0, e1 in evs:
+        e0.record(stream)
+        fn()
+        e1.record(stream)
+    host = (time.perf_counter() - t0) / iters * 1e6
+    stream.synchronize()
+    return statistics.median(cp.cuda.get_elapsed_time(a, b) * 1e3 for a, b in evs), host
+
+
 def intranode_times(buf, group, stream, handle, recv_x, x_bf16, x_fp8, scales, cfg_d, cfg_c,
                     graph=True):
-    """``{op: (us around the Python call, us of device time or None)}`` for dispatch BF16, FP8
-    (cached handle) and combine BF16 through ``buf``."""
+    """``{op: {"isolated": us, "pipelined": us, "host": us, "device": us or None}}`` for dispatch
+    BF16, FP8 (cached handle) and combine BF16 through ``buf``: one call after a barrier between
+    events; back-to-back calls between events (DeepEP's method); the host's enqueue time per call;
+    device time from graph replays."""
     ops = {
         "dispatch BF16": lambda: buf.dispatch(x_bf16, handle=handle, config=cfg_d),
         "dispatch FP8": lambda: buf.dispatch((x_fp8, scales), handle=handle, config=cfg_d),
@@ -231,18 +254,43 @@ def intranode_times(buf, group, stream, handle, recv_x, x_bf16, x_fp8, scales, c
     }
     out = {}
     for name, fn in ops.items():
-        call = _median_event_us(fn, stream, group=group)
-        out[name] = (call, _graph_us(fn, stream, group) if graph else None)
+        isolated = _median_event_us(fn, stream, group=group)
+        pipelined, host = _pipelined_us(fn, stream, group)
+        out[name] = {"isolated": isolated, "pipelined": pipelined, "host": host,
+                     "device": _graph_us(fn, stream, group) if graph else None}
     return out
 
 
+def profile_calls(fn, stream, path, calls=50):
+    """cProfile ``calls`` back-to-back calls of ``fn``; the 30 costliest functions (own time)
+    go to ``path`` (None: profile, write nothing)."""
+    import cProfile
+    import io
+    import pstats
+
+    fn()
+    stream.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    stream.synchronize()
+    if path is not None:
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+        with open(path, "w") as f:
+            f.write(text.getvalue())
+
+
 def intranode_rank(group, num_tokens=4096, hidden=7168, num_topk=8, num_experts=256, num_sms=24,
-                   variants=None):
+                   variants=None, profile=None):
     """One rank of ``bench intranode`` (a module-level function so that spawn can start it).
 
     ``variants``: a list of ``numba_ep.kernels.intranode.TUNING`` dicts; when given, only the
     dispatch / combine times of each variant are measured and returned as
-    ``{variant repr: {op: (call us, device us)}}`` (scripts/sweep_intranode.py)."""
+    ``{variant repr: intranode_times(...)}`` (scripts/sweep_intranode.py); ``profile``: a path
+    prefix for rank 0's cProfile of the host side of dispatch and combine (after the sweep)."""
     import cupy as cp
 
     from numba_ep.buffer import Buffer
@@ -282,6 +330,14 @@ def intranode_rank(group, num_tokens=4096, hidden=7168, num_topk=8, num_experts=
                     intranode.TUNING.update(v)
                     rows[repr(v)] = intranode_times(buf, group, stream, handle, recv_x, x_bf16,
                                                     x_fp8, scales, cfg_d, cfg_c)
+                if profile:  # every rank makes the calls (they meet in device barriers)
+                    group.barrier()
+                    profile_calls(lambda: buf.dispatch(x_bf16, handle=handle, config=cfg_d),
+                                  stream, profile + ".dispatch.txt" if rank == 0 else None)
+                    group.barrier()
+                    profile_calls(lambda: buf.combine(recv_x, handle, config=cfg_c), stream,
+                                  profile + ".combine.txt" if rank == 0 else None)
+                group.barrier()
             finally:
                 intranode.TUNING.clear()
                 intranode.TUNING.update(saved)
@@ -299,9 +355,12 @@ def intranode_rank(group, num_tokens=4096, hidden=7168, num_topk=8, num_experts=
         bf16_row, fp8_row = hidden * 2, hidden + hidden // 128 * 4
         for name, row in (("dispatch BF16", bf16_row), ("dispatch FP8", fp8_row),
                           ("combine BF16", bf16_row)):
-            t, t_dev = times[name]
-            rows[f"{name}, us"] = t
-            rows[f"{name}, device us (graph replay)"] = t_dev
+            tm = times[name]
+            t = tm["pipelined"]
+            rows[f"{name}, us (back-to-back calls, DeepEP's method)"] = t
+            rows[f"{name}, device us (graph replay)"] = tm["device"]
+            rows[f"{name}, us (one call after a barrier)"] = tm["isolated"]
+            rows[f"{name}, host us per call"] = tm["host"]
             rows[f"{name}, logical GB/s"] = n_recv * row / t / 1e3
             rows[f"{name}, NVLink (remote rows) GB/s"] = n_remote * row / t / 1e3
         rows["received rows (local + remote)"] = float(n_recv)
@@ -398,6 +457,9 @@ _LL_ROWS = (
     ("dispatch_recv", "hook mode: dispatch recv phase, us"),
     ("combine_send", "hook mode: combine send phase, us"),
     ("combine_recv", "hook mode: combine recv phase, us"),
+    ("host_dispatch+combine", "host time per dispatch + combine (enqueue), us"),
+    ("graph_dispatch+combine", "dispatch + combine as a CUDA-graph replay, GPU us"),
+    ("host_graph_replay", "host time per graph replay, us"),
 )
 
 

@@ -2,7 +2,8 @@
 at the ``bench intranode`` shape on every local GPU; prints one line per variant and operation:
 time around the Python call and device time from CUDA-graph replays, the slowest rank's.
 
-    python scripts/sweep_intranode.py [--json PATH] [--ranks N]
+    python scripts/sweep_intranode.py [--json PATH] [--ranks N] [--profile PREFIX]
+                                      [--variants '[{"ring_nc": true, "unroll": 8}]']
 """
 import argparse
 import json
@@ -22,17 +23,21 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json")
     ap.add_argument("--ranks", type=int, default=None)
+    ap.add_argument("--profile", help="path prefix for rank 0's cProfile of the host side")
+    ap.add_argument("--variants", type=json.loads, default=VARIANTS,
+                    help="JSON list of TUNING dicts (default: the built-in sweep)")
     args = ap.parse_args()
     n = args.ranks or gpu_count()
-    per_rank = spawn(intranode_rank, n, variants=VARIANTS)
+    per_rank = spawn(intranode_rank, n, variants=args.variants, profile=args.profile)
     table = {}
-    print(f"sweep intranode on {n} x {_device_name()} (us: around the call / device from graphs)")
+    cols = ("pipelined", "device", "isolated", "host")
+    print(f"sweep intranode on {n} x {_device_name()}, us, slowest rank: back-to-back calls "
+          "(DeepEP's method) / device (graph replay) / one call after a barrier / host per call")
     for v in per_rank[0]:
         for op in per_rank[0][v]:
-            call = max(r[v][op][0] for r in per_rank)
-            dev = max(r[v][op][1] for r in per_rank)
-            table[f"{v} {op}"] = (call, dev)
-            print(f"  {v:<36} {op:<14} {call:8.1f} {dev:8.1f}")
+            vals = [max(r[v][op][k] for r in per_rank) for k in cols]
+            table[f"{v} {op}"] = dict(zip(cols, vals))
+            print(f"  {v:<36} {op:<14} " + " ".join(f"{x:8.1f}" for x in vals))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(table, f, indent=2)
