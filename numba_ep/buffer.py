@@ -425,6 +425,7 @@ class _Call:
         import cupy
 
         self.comm = buf._comm_stream
+        self.handoff = buf._handoff_events
         self.caller = caller_stream(torch_side, buf.device if torch_side else None)
         self.capturing = bool(cupy.cuda.runtime.streamIsCapturing(self.caller.ptr))
 
@@ -435,7 +436,8 @@ class _Call:
 
         ev = self.previous_event.event if self.previous_event is not None else None
         if ev is None:
-            ev = record_event(self.caller.ptr)
+            ev = self.handoff[0]
+            cupy.cuda.runtime.eventRecord(ev.ptr, self.caller.ptr)
         cupy.cuda.runtime.streamWaitEvent(self.comm.ptr, ev.ptr, 0)
 
     def on_caller(self):
@@ -452,10 +454,12 @@ class _Call:
             return EventOverlap(None, torch_side=self.torch_side)
         import cupy
 
-        ev = record_event(self.comm.ptr)
-        if self.async_finish:
-            return EventOverlap(ev, extra_tensors=tuple(k for k in keep if k is not None),
+        if self.async_finish:  # the caller keeps this event: a fresh one
+            return EventOverlap(record_event(self.comm.ptr),
+                                extra_tensors=tuple(k for k in keep if k is not None),
                                 torch_side=self.torch_side)
+        ev = self.handoff[1]
+        cupy.cuda.runtime.eventRecord(ev.ptr, self.comm.ptr)
         cupy.cuda.runtime.streamWaitEvent(self.caller.ptr, ev.ptr, 0)
         return EventOverlap(None, torch_side=self.torch_side)
 
@@ -566,6 +570,10 @@ class Buffer:
                         self._ipc = None
                     raise
             self._comm_stream = cupy.cuda.Stream(non_blocking=True, priority=_high_priority())
+            # Reused by every synchronous call for its two stream hand-offs: a wait enqueued on
+            # an event is fixed when enqueued, so re-recording the event later is harmless.
+            self._handoff_events = (cupy.cuda.Event(disable_timing=True),
+                                    cupy.cuda.Event(disable_timing=True))
             self._device_sms = int(cupy.cuda.Device(self.device).attributes["MultiProcessorCount"])
             from numba_ep.kernels.waits import error_record
 
@@ -815,7 +823,7 @@ class Buffer:
         from numba_ep.kernels import intranode
 
         need = int(intranode.nvl_bytes_needed(self.group_size, num_channels, num_recv_slots,
-                                              row_bytes, num_topk, num_scales))
+                                              row_bytes, num_topk, num_scales))  # memoised
         have = 0 if self._ipc is None else int(self._ipc.nbytes)
         if need > have:
             raise ValueError(
@@ -838,6 +846,9 @@ class Buffer:
                              f"{'still alive' if alive else 'since destroyed'}); a handle is "
                              f"only valid with the Buffer whose dispatch returned it (this is "
                              f"#{self._id})")
+        checked = getattr(handle, "checked", None)
+        if checked is not None and checked[:2] == (self._id, num_channels):
+            return checked[2]  # a handle's arrays cannot be swapped: validated once per Buffer
         R, dev = self.group_size, self.device
         names = ("handle[0] (rank_prefix_matrix)", "handle[1] (channel_prefix_matrix)",
                  "handle[2] (recv_channel_prefix_matrix)", "handle[3] (recv_src_idx)",
@@ -867,7 +878,10 @@ class Buffer:
                 f"config: num_sms={2 * num_channels} gives {num_channels} channels, but the handle "
                 f"was made by a dispatch with {C} channels (num_sms={2 * C}); {what} must use the "
                 "dispatch's channel count")
-        return (i0, i1, i2, i3, i4, i5)
+        infos = (i0, i1, i2, i3, i4, i5)
+        if isinstance(handle, _Handle):
+            handle.checked = (self._id, num_channels, infos)
+        return infos
 
     # --------------------------------------------------------------------------- context
 

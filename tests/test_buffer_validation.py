@@ -711,3 +711,21 @@ def test_to_caller_torch_views_on_the_host():
     assert f.dtype == torch.float32 and f.tolist() == [1.0] * 4
     q = to_caller(np.zeros((2, 4), np.uint8), True, torch_dtype=torch.float8_e4m3fn)
     assert q.dtype == torch.float8_e4m3fn and tuple(q.shape) == (2, 4)
+
+
+def test_a_tagged_handle_is_validated_once_per_buffer_and_channel_count(kernels, inp):
+    buf = host_buffer()
+    h = _tag(fake_handle(T=inp.T), buf)
+    raises(KernelCalled, lambda: buf.dispatch(inp.x, handle=h, config=CONFIG))
+    assert h.checked[:2] == (buf._id, C)
+    # Remembered: the second call does not look at the arrays again...
+    infos = h.checked[2]
+    raises(KernelCalled, lambda: buf.dispatch(inp.x, handle=h, config=CONFIG))
+    assert h.checked[2] is infos
+    # ...but every per-call rule still applies: tokens, channel count, another Buffer.
+    raises(ValueError, lambda: buf.dispatch(inp.x[:-1], handle=h, config=CONFIG), "x",
+           f"{inp.T} tokens")
+    raises(ValueError, lambda: buf.dispatch(inp.x, handle=h, config=Config(10, 6, 64)),
+           "channels")
+    raises(ValueError, lambda: host_buffer().dispatch(inp.x, handle=h, config=CONFIG),
+           "another Buffer")

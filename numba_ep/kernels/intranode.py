@@ -52,6 +52,7 @@ NVLink stores the remote half alone takes ~170 us: that is the floor this design
 """
 from __future__ import annotations
 
+import functools
 
 import numpy as np
 
@@ -122,10 +123,16 @@ class RingLayout:
                     off_scales=self.scales)
 
 
+@functools.lru_cache(maxsize=256)
+def ring_layout(num_ranks, num_channels, num_recv_slots, row_bytes, num_topk, num_scales):
+    """The RingLayout for these sizes, memoised (every launch asks for one). Treat as read-only."""
+    return RingLayout(num_ranks, num_channels, num_recv_slots, row_bytes, num_topk, num_scales)
+
+
 def nvl_bytes_needed(num_ranks, num_channels, num_recv_slots, hidden_bytes, num_topk, num_scales):
     """Bytes of IPC buffer a dispatch or combine with these sizes needs (header + rings)."""
-    return RingLayout(num_ranks, num_channels, num_recv_slots, hidden_bytes, num_topk,
-                      num_scales).total_bytes
+    return ring_layout(num_ranks, num_channels, num_recv_slots, hidden_bytes, num_topk,
+                       num_scales).total_bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -776,8 +783,8 @@ class IntranodeContext:
         return int(self.buffer.signal_ptrs_dev.data.ptr)
 
     def layout(self, num_channels, num_recv_slots, row_bytes, num_topk, num_scales):
-        lay = RingLayout(self.num_ranks, num_channels, num_recv_slots, row_bytes, num_topk,
-                         num_scales)
+        lay = ring_layout(self.num_ranks, num_channels, num_recv_slots, row_bytes, num_topk,
+                          num_scales)
         if lay.total_bytes > self.buffer.nbytes:
             raise ValueError(f"num_nvl_bytes: this operation needs {lay.total_bytes} bytes of NVLink "
                              f"buffer ({num_channels} channels x {num_recv_slots} slots x "
@@ -804,7 +811,7 @@ def notify_dispatch(ctx, num_tokens_per_rank, is_token_in_rank, num_tokens_per_e
     L = num_experts // R
     if L > MAX_LOCAL_EXPERTS:
         raise ValueError(f"num_experts: at most {MAX_LOCAL_EXPERTS} experts per rank, got {L}")
-    lay = RingLayout(R, C, MIN_RECV_SLOTS, 16, 0, 0)  # header offsets do not depend on the rings
+    lay = ring_layout(R, C, MIN_RECV_SLOTS, 16, 0, 0)  # header offsets do not depend on the rings
     rank_prefix = cupy.empty((R, R), dtype=np.int32)
     chan_prefix = cupy.empty((R, C), dtype=np.int32)
     recv_chan_prefix = cupy.empty((R, C), dtype=np.int32)
@@ -852,7 +859,7 @@ def cached_notify(ctx, num_channels, stream):
     """Enqueue the barrier + ring-counter reset that precedes a cached dispatch or a combine."""
     from numba_ep.launch import get_kernel
 
-    lay = RingLayout(ctx.num_ranks, num_channels, MIN_RECV_SLOTS, 16, 0, 0)
+    lay = ring_layout(ctx.num_ranks, num_channels, MIN_RECV_SLOTS, 16, 0, 0)
     k = get_kernel(make_cached_notify, CACHED_SIG, num_ranks=ctx.num_ranks,
                    num_channels=num_channels, off_tail=lay.tail)
     k.launch(1, 128, ctx.bufs, ctx.signals, ctx.rank, ctx.timeout_ns, ctx.errors.device_address,

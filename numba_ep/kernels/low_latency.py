@@ -1193,6 +1193,7 @@ class LowLatencyContext:
         self.timeout_ns = timeout_ns(timeout_s)
         self._num_sms = num_sms
         self._ready = False
+        self._kernels = {}      # call options -> (send, recv) CompiledKernels (see _kernels_for)
         self.errors = None
         self.workspace = None
         self.bufs = 0
@@ -1270,6 +1271,18 @@ def _get(spec):
     return get_kernel(factory, sig, **constants)
 
 
+def _kernels_for(ctx, kind, *options):
+    """The (send, recv) kernels of a ``kind`` ("dispatch" / "combine") call with these options,
+    memoised on the context: the specs hold ~10 constants, too many to rebuild every call."""
+    key = (kind,) + options
+    pair = ctx._kernels.get(key)
+    if pair is None:
+        specs = dispatch_kernels(ctx, *options) if kind == "dispatch" else combine_kernels(
+            ctx, *options)
+        pair = ctx._kernels[key] = tuple(_get(spec) for spec in specs)
+    return pair
+
+
 # Argument checks work on anything with __cuda_array_interface__ (CuPy, torch, numba), so
 # that they run, and can be tested, before any device work.
 
@@ -1282,29 +1295,41 @@ def _cai(name, a):
     return iface
 
 
+def _is_cupy(a):
+    t = type(a)
+    return t.__name__ == "ndarray" and t.__module__.startswith("cupy")
+
+
+def _meta(name, a):
+    """(shape, dtype, byte strides or None when C-contiguous, address) of a device array.
+
+    CuPy arrays are read directly: building ``__cuda_array_interface__`` asks the runtime for
+    the current stream and costs several microseconds, on every call of a latency-bound API."""
+    if _is_cupy(a):
+        return a.shape, a.dtype, a.strides, a.data.ptr
+    iface = _cai(name, a)
+    return (tuple(int(v) for v in iface["shape"]), np.dtype(iface["typestr"]),
+            iface.get("strides"), int(iface["data"][0]))
+
+
 def _check(name, a, dtypes, ndim=None, shape=None, contiguous=True, align=None):
     """Validate a device array (dtype, shape, C order, address alignment); return its address.
     Rows of x and out are moved with 16-byte vector accesses, hence ``align=16`` for them."""
-    iface = _cai(name, a)
-    got_shape = tuple(int(v) for v in iface["shape"])
-    dtype = np.dtype(iface["typestr"])
-    if dtype not in [np.dtype(d) for d in dtypes]:
+    got_shape, dtype, strides, ptr = _meta(name, a)
+    if dtype not in dtypes:
         want = " or ".join(np.dtype(d).name for d in dtypes)
         raise TypeError(f"{name}: expected dtype {want}, got {dtype}")
     if ndim is not None and len(got_shape) != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D array, got shape {got_shape}")
     if shape is not None and got_shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {got_shape}")
-    strides = iface.get("strides")
     if contiguous and strides is not None:
-        want, step = [], dtype.itemsize
-        for n in reversed(got_shape):
-            want.append(step)
+        step = dtype.itemsize
+        for n, st in zip(reversed(got_shape), reversed(strides)):
+            if n > 1 and st != step:
+                raise ValueError(f"{name}: expected a C-contiguous array, got strides "
+                                 f"{tuple(strides)}")
             step *= n
-        want = tuple(reversed(want))
-        if any(n > 1 and st != w for n, st, w in zip(got_shape, strides, want)):
-            raise ValueError(f"{name}: expected a C-contiguous array, got strides {strides}")
-    ptr = int(iface["data"][0])
     align = dtype.itemsize if align is None else align
     if ptr % align:
         raise ValueError(f"{name}: the data address must be a multiple of {align} bytes, got "
@@ -1313,11 +1338,17 @@ def _check(name, a, dtypes, ndim=None, shape=None, contiguous=True, align=None):
 
 
 def _shape(a):
+    if _is_cupy(a):
+        return a.shape
     return tuple(int(v) for v in a.__cuda_array_interface__["shape"])
 
 
 def _addr(a):
-    return 0 if a is None else int(a.__cuda_array_interface__["data"][0])
+    if a is None:
+        return 0
+    if _is_cupy(a):
+        return a.data.ptr
+    return int(a.__cuda_array_interface__["data"][0])
 
 
 def _check_topk(topk_idx, num_tokens=None):
@@ -1439,8 +1470,7 @@ def low_latency_dispatch(ctx, x, topk_idx, use_fp8=True, round_scale=False, use_
     h = ctx.buffer_idx
     ctx.buffer_idx ^= 1
     send_off, recv_off, sig_off, other_sig_off = ctx.offsets(h)
-    send_spec, recv_spec = dispatch_kernels(ctx, K, use_fp8, round_scale, use_ue8m0)
-    send, recv = _get(send_spec), _get(recv_spec)
+    send, recv = _kernels_for(ctx, "dispatch", K, use_fp8, round_scale, use_ue8m0)
     send.launch(max(1, min(T, ctx.num_sms)), THREADS, _addr(x), _addr(topk_idx), T, ctx.rank,
                 ctx.bufs, ctx.base, send_off, recv_off, sig_off, other_sig_off,
                 _addr(ctx.workspace), stream=stream)
@@ -1531,8 +1561,7 @@ def low_latency_combine(ctx, x, topk_idx, topk_weights, src_info, layout_range, 
     h = ctx.buffer_idx
     ctx.buffer_idx ^= 1
     send_off, recv_off, sig_off, other_sig_off = ctx.offsets(h)
-    send_spec, recv_spec = combine_kernels(ctx, K, use_logfmt, zero_copy)
-    send, recv = _get(send_spec), _get(recv_spec)
+    send, recv = _kernels_for(ctx, "combine", K, use_logfmt, zero_copy)
     send.launch(ctx.num_sms, THREADS, 0 if zero_copy else _addr(x), _addr(src_info),
                 _addr(layout_range), ctx.rank, ctx.bufs, ctx.base, send_off, recv_off, sig_off,
                 other_sig_off, _addr(ctx.workspace), _addr(ctx._log2), stream=stream)

@@ -101,9 +101,9 @@ class ErrorRecord:
 
     def check(self, rank_hint=None) -> None:
         """Raise ``CommTimeoutError`` if a kernel recorded a timeout."""
-        w = self._host.copy()
-        if w[0] == 0:
+        if self._host[0] == 0:  # the common case, one read of mapped memory
             return
+        w = self._host.copy()
         kernel = KERNEL_NAMES.get(int(w[1]), f"kernel {int(w[1])}")
         rank, peer, channel = int(w[2]), int(w[3]), int(w[4])
         where = f" on channel {channel}" if channel >= 0 else ""
