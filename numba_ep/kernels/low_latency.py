@@ -1306,7 +1306,12 @@ def _meta(name, a):
     CuPy arrays are read directly: building ``__cuda_array_interface__`` asks the runtime for
     the current stream and costs several microseconds, on every call of a latency-bound API."""
     if _is_cupy(a):
-        return a.shape, a.dtype, a.strides, a.data.ptr
+        # CuPy's own C-order flag: it knows that empty and single-element arrays (whose strides
+        # may be anything, e.g. all 0) are C-contiguous, as the interface's strides=None says.
+        contig = getattr(a, "_c_contiguous", None)
+        if contig is None:
+            contig = a.flags.c_contiguous
+        return a.shape, a.dtype, None if contig else a.strides, a.data.ptr
     iface = _cai(name, a)
     return (tuple(int(v) for v in iface["shape"]), np.dtype(iface["typestr"]),
             iface.get("strides"), int(iface["data"][0]))
