@@ -27,16 +27,19 @@ Who waits on whom:
                                 host-mapped counters the host waits on to size the outputs.
     cached_notify (1 block)     barrier; zero my tail/head; barrier.  (before cached dispatch and
                                 before every combine)
-    dispatch (2C blocks)        block 2c = sender of channel c, block 2c+1 = receiver. Warps form R
-                                groups, group g serving peer g. A sender group looks at 32 tokens
-                                at a time (one per lane, ballot), waits until ring (c, me->g) has
-                                room (polls its local head), copies the selected rows into g's
-                                ring, then publishes g's tail with a release store. Rows for my own
-                                rank skip the ring and go straight into recv_x. A receiver group
-                                acquires the tail of ring (c, g->me), copies the new rows into
-                                recv_x, and writes its head into g's buffer.
-    combine (2C blocks)         the reverse: sender group g pushes my rows that came from rank g
-                                in channel c into ring (c, me->g) of rank g; the receiver block
+    dispatch (2C blocks)        block 2c = sender of channel c, block 2c+1 = receiver. Sender
+                                warps form R groups, group g serving peer g. A sender group looks
+                                at 32 tokens at a time (one per lane, ballot), waits until ring
+                                (c, me->g) has room (polls its local head), copies the selected
+                                rows into g's ring, then publishes g's tail with a release store.
+                                Rows for my own rank skip the ring and go straight into recv_x.
+                                Receiver warps form R-1 groups, one per remote source s: a group
+                                acquires the tail of ring (c, s->me), copies the new rows into
+                                recv_x (non-coherent loads, which never allocate in L1, so no
+                                stale line can be hit), and writes its head into s's buffer.
+    combine (2C blocks)         the reverse: R-1 sender groups, group for rank g pushing my rows
+                                that came from g in channel c into ring (c, me->g) of rank g
+                                (my own rows stay where they are); the receiver block
                                 walks its own tokens in order, waits until every rank that holds a
                                 copy has published it (send_head gives the slot), sums the rows
                                 (fp32, plus bias) and frees slots batch by batch.
