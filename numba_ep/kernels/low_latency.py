@@ -1295,9 +1295,18 @@ def _cai(name, a):
     return iface
 
 
+_cupy_ndarray = None     # cupy.ndarray, learnt from the first one seen (no cupy import here)
+
+
 def _is_cupy(a):
+    global _cupy_ndarray
     t = type(a)
-    return t.__name__ == "ndarray" and t.__module__.startswith("cupy")
+    if t is _cupy_ndarray:
+        return True
+    if _cupy_ndarray is None and t.__name__ == "ndarray" and t.__module__.startswith("cupy"):
+        _cupy_ndarray = t
+        return True
+    return False
 
 
 def _meta(name, a):
