@@ -84,9 +84,9 @@ above, and keeps one ``LowLatencyContext`` per (M, H, E) shape over its NVSHMEM 
   ``clean_low_latency_buffer(M, H, E)`` on every rank first (DeepEP's rule, enforced here).
   All ranks make the same sequence of low-latency calls with the same M, H, E.
 - Not range-checked on the device: the expert ids (a check would synchronise every call).
-- ``dispatch_wait_recv_cost_stats`` / ``combine_wait_recv_cost_stats`` are validated and left
-  unchanged (the kernels do not time their waits; a RuntimeWarning says so once per Buffer).
-  Shrink mode (``enable_shrink``, the mask-buffer methods) is not implemented.
+- ``dispatch_wait_recv_cost_stats`` / ``combine_wait_recv_cost_stats`` (int64 ``[R]``) count
+  nanoseconds of %globaltimer where DeepEP counts clock cycles: the same slow-rank diagnosis in
+  units that do not depend on the clock. Shrink mode (``enable_shrink``, the mask-buffer methods) is not implemented.
 - Timeouts: a receive phase that waits longer than ``timeout_s`` for a peer records it; the
   next call (or hook) on this Buffer raises ``CommTimeoutError`` and the Buffer is unusable.
 - CuPy callers: BF16 is ``uint16`` and FP8 ``uint8`` (recv_x of an FP8 dispatch), as above.
@@ -628,7 +628,6 @@ class Buffer:
         self._ll_pending = None
         #: bumped by clean_low_latency_buffer: hooks of earlier calls become invalid
         self._ll_generation = 0
-        self._ll_warned = set()
 
     def _register(self):
         self._id = next(_buffer_ids)
@@ -1360,8 +1359,9 @@ class Buffer:
             num_experts: E, a multiple of R.
             cumulative_local_expert_recv_stats: optional ``[L] int32``, incremented by the
                 number of tokens each local expert received.
-            dispatch_wait_recv_cost_stats: optional ``[R] int64``: accepted and validated but NOT
-                collected (the kernels do not time their waits); left unchanged.
+            dispatch_wait_recv_cost_stats: optional ``[R] int64``: entry r grows by the
+                nanoseconds the receive phase waited for rank r's tokens, summed over my local
+                experts (DeepEP: clock cycles).
             use_fp8: cast to float8_e4m3fn with one float32 scale per 128 channels (else BF16).
             round_scale: power-of-two scales. use_ue8m0: scales as packed UE8M0 exponents
                 (needs use_fp8, round_scale and ``H % 512 == 0``).
@@ -1386,7 +1386,6 @@ class Buffer:
             x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
             cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
             round_scale, use_ue8m0, async_finish, return_recv_hook)
-        self._warn_not_collected("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats)
         from numba_ep.kernels import low_latency as ll
 
         with self._guard():
@@ -1397,14 +1396,16 @@ class Buffer:
                 topk = device_view(topk_idx, "topk_idx")
                 stats = device_view(cumulative_local_expert_recv_stats,
                                     "cumulative_local_expert_recv_stats")
+                wait = device_view(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats")
                 recv_x, scales, count, src, lr, ll_hook = ll.low_latency_dispatch(
                     ctx, xv, topk, use_fp8=p.use_fp8, round_scale=p.round_scale,
                     use_ue8m0=p.use_ue8m0, cumulative_local_expert_recv_stats=stats,
-                    return_recv_hook=p.return_recv_hook, stream=stream)
+                    return_recv_hook=p.return_recv_hook, stream=stream,
+                    wait_recv_cost_stats=wait)
             self._ll_active = (p.M, p.H, p.E)
             hook = self._ll_hook(ll_hook, what)
             keep = (x, topk_idx, cumulative_local_expert_recv_stats, xv, topk, stats, recv_x,
-                    scales, count, src, lr)
+                    scales, count, src, lr, dispatch_wait_recv_cost_stats, wait)
             event = self._ll_event(stream, p.torch_out, p.async_finish, keep)
             with _on(stream):
                 torch_out = p.torch_out
@@ -1441,7 +1442,8 @@ class Buffer:
             zero_copy: see x.
             async_finish, return_recv_hook: as in ``low_latency_dispatch`` (not both).
             out: optional ``[T, H]`` BF16, C-contiguous: written in place and returned.
-            combine_wait_recv_cost_stats: optional ``[R] int64``: accepted, NOT collected.
+            combine_wait_recv_cost_stats: optional ``[R] int64``: entry r grows by the
+                nanoseconds the receive phase waited for rank r's rows (DeepEP: clock cycles).
 
         Returns ``(combined_x [T, H] BF16, event, hook)``, ``combined_x[t] = sum over k with
         topk_idx[t, k] >= 0 of topk_weights[t, k] * y_{topk_idx[t, k]}[t]`` (float32 sums), in
@@ -1452,7 +1454,6 @@ class Buffer:
         p = self._validate_ll_combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy,
                                       async_finish, return_recv_hook, out,
                                       combine_wait_recv_cost_stats)
-        self._warn_not_collected("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats)
         from numba_ep.kernels import low_latency as ll
 
         with self._guard():
@@ -1464,14 +1465,16 @@ class Buffer:
                 w = device_view(topk_weights, "topk_weights")
                 src, lr = self._ll_handle_views(handle)
                 out_v = _as_u16(device_view(out, "out"))
+                wait = device_view(combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats")
                 res, ll_hook = ll.low_latency_combine(
                     ctx, xv, topk, w, src, lr, use_logfmt=p.use_logfmt, zero_copy=p.zero_copy,
-                    out=out_v, return_recv_hook=p.return_recv_hook, stream=stream)
+                    out=out_v, return_recv_hook=p.return_recv_hook, stream=stream,
+                    wait_recv_cost_stats=wait)
             self._ll_active = (p.M, p.H, p.E)
             hook = self._ll_hook(ll_hook, what)
             event = self._ll_event(stream, p.torch_out, p.async_finish,
                                    (x, topk_idx, topk_weights, handle, out, xv, topk, w, src, lr,
-                                    out_v, res))
+                                    out_v, res, combine_wait_recv_cost_stats, wait))
             if out is not None:
                 return out, event, hook
             with _on(stream):
@@ -1672,12 +1675,6 @@ class Buffer:
         return _LowLatencyPlan(torch_out=x_info.kind == "torch", M=M, H=H, E=E,
                                use_logfmt=use_logfmt, zero_copy=zero_copy,
                                async_finish=async_finish, return_recv_hook=return_recv_hook)
-
-    def _warn_not_collected(self, name, stats):
-        if stats is not None and name not in self._ll_warned:
-            self._ll_warned.add(name)
-            warnings.warn(f"{name}: numba_ep's low-latency kernels do not time their waits; the "
-                          "array is accepted and left unchanged", RuntimeWarning, stacklevel=3)
 
     # ----------------------------------------------------------------- low latency: plumbing
 

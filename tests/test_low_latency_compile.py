@@ -124,7 +124,8 @@ def test_dispatch_recv(sm90):
     _, recv = ll.dispatch_kernels(ctx, 8, use_fp8=True, round_scale=True, use_ue8m0=True)
     text, _ = build(recv)
     assert_has(text, I["ld_acquire_sys_i32"], I["globaltimer"], I["st_release_sys_u64"],
-               I["ld_v4"], I["st_na_v4"], I["atomic_add_gpu_i32"])
+               I["ld_v4"], I["st_na_v4"], I["atomic_add_gpu_i32"],
+               I["atomic_add_gpu_u64"])                       # wait-cost stats
     assert not uses_local_memory(text)
     _, recv = ll.dispatch_kernels(fake_ctx(R=2, M=32, H=640, E=12), 5, use_fp8=True)
     build(recv)
@@ -152,7 +153,8 @@ def test_combine_send_logfmt(sm90):
 def test_combine_recv(sm90):
     _, recv = ll.combine_kernels(fake_ctx(), 8)
     text, _ = build(recv)
-    assert_has(text, I["ld_acquire_sys_i32"], I["ld_v4"], I["cvt_bf16x2"], I["st_v4"])
+    assert_has(text, I["ld_acquire_sys_i32"], I["ld_v4"], I["cvt_bf16x2"], I["st_v4"],
+               I["atomic_add_gpu_u64"])                       # wait-cost stats
     # the K = 8 rows a thread sums are all loaded before the first is used (8 loads in flight)
     lines = text.splitlines()
     loads = [i for i, line in enumerate(lines) if I["ld_v4"] in line]

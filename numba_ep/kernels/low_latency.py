@@ -540,13 +540,14 @@ def make_dispatch_send(num_ranks, num_experts, hidden, num_topk, max_tokens, use
 # ---------------------------------------------------------------------------------------------
 
 DISPATCH_RECV_SIG = ("void(int32, uint64, int64, int64, uint64, uint64, uint64, uint64, uint64, "
-                     "uint64, int64, uint64)")
+                     "uint64, uint64, int64, uint64)")
 
 
 def make_dispatch_recv(num_ranks, num_experts, hidden, max_tokens, use_fp8, use_ue8m0, vec16):
     """Arguments: rank, my symmetric base, recv/sig offsets of the half, packed_recv_x,
     packed_recv_x_scales (column-major storage [L, S, R*M]), src_info, layout_range, recv_count,
-    cumulative stats (0 = none), timeout_ns, err_addr."""
+    cumulative stats (0 = none), wait-cost stats (int64 [R], ns, 0 = none), timeout_ns,
+    err_addr."""
     R, E, H, M = num_ranks, num_experts, hidden, max_tokens
     L = E // R
     R1 = R + 1                           # shared-array sizes must be plain constants
@@ -559,7 +560,7 @@ def make_dispatch_recv(num_ranks, num_experts, hidden, max_tokens, use_fp8, use_
     DATA4 = ROWB // 4
 
     def dispatch_recv(rank, base, recv_off, sig_off, out_x, out_scales, out_src, out_layout,
-                      out_count, stats_addr, timeout_ns, err_addr):
+                      out_count, stats_addr, wait_addr, timeout_ns, err_addr):
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -583,6 +584,10 @@ def make_dispatch_recv(num_ranks, num_experts, hidden, max_tokens, use_fp8, use_
                         v = -1     # give up: treat as an empty block
                         break
                     v = ptx.ld_acquire_sys_i32(addr)
+                if wait_addr != 0:
+                    # Time spent waiting for source s, summed over my experts (DeepEP counts
+                    # clock cycles; nanoseconds read the same across GPUs and clocks).
+                    ptx.atomic_add_gpu_u64(wait_addr + uint64(8 * s), ptx.globaltimer() - start)
                 cnt[s] = min(max(-v - 1, 0), M)
                 s += THREADS
             cuda.syncthreads()
@@ -914,12 +919,13 @@ def _make_logfmt_encoder(hidden, vec16):
 # ---------------------------------------------------------------------------------------------
 
 COMBINE_RECV_SIG = ("void(uint64, uint64, uint64, int32, int32, uint64, int64, int64, uint64, "
-                    "int64, uint64)")
+                    "uint64, int64, uint64)")
 
 
 def make_combine_recv(num_ranks, num_experts, hidden, num_topk, max_tokens, use_logfmt, vec16):
     """Arguments: topk_idx (int64 [T, K]), topk_weights (float32 [T, K]), out (bf16 [T, H]), T,
-    rank, my symmetric base, recv/sig offsets of the half, log2 table, timeout_ns, err_addr."""
+    rank, my symmetric base, recv/sig offsets of the half, log2 table, wait-cost stats (int64
+    [R], ns, 0 = none), timeout_ns, err_addr."""
     R, E, H, K, M = num_ranks, num_experts, hidden, num_topk, max_tokens
     D = H // 128
     CMSG = 4 * D + 2 * H
@@ -928,7 +934,7 @@ def make_combine_recv(num_ranks, num_experts, hidden, num_topk, max_tokens, use_
     TAB = 128 if use_logfmt else 1
 
     def combine_recv(topk_addr, w_addr, out_addr, num_tokens, rank, base, recv_off, sig_off,
-                     tab_addr, timeout_ns, err_addr):
+                     tab_addr, wait_addr, timeout_ns, err_addr):
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
@@ -954,6 +960,9 @@ def make_combine_recv(num_ranks, num_experts, hidden, num_topk, max_tokens, use_
                                    ptx.globaltimer() - start)
                     break
                 v = ptx.ld_acquire_sys_i32(addr)
+            if wait_addr != 0 and cuda.blockIdx.x == 0:
+                # Every block waits for the same flags: count block 0's wait once.
+                ptx.atomic_add_gpu_u64(wait_addr + uint64(8 * s), ptx.globaltimer() - start)
             s += THREADS
         cuda.syncthreads()
 
@@ -1421,7 +1430,7 @@ class _Hook:
 
 def low_latency_dispatch(ctx, x, topk_idx, use_fp8=True, round_scale=False, use_ue8m0=False,
                          cumulative_local_expert_recv_stats=None, return_recv_hook=False,
-                         stream=None):
+                         stream=None, wait_recv_cost_stats=None):
     """Send every (token, top-k slot) to its expert's rank; receive the tokens of my experts.
 
     Args:
@@ -1434,6 +1443,9 @@ def low_latency_dispatch(ctx, x, topk_idx, use_fp8=True, round_scale=False, use_
             exponents (needs use_fp8, round_scale and ``H % 512 == 0``).
         cumulative_local_expert_recv_stats: optional int32 ``[L]``, incremented by the number of
             tokens each local expert received.
+        wait_recv_cost_stats: optional int64 ``[R]``: entry r grows by the nanoseconds the
+            receive phase spent waiting for rank r's tokens, summed over my local experts
+            (DeepEP's dispatch_wait_recv_cost_stats, which counts clock cycles instead).
         return_recv_hook: launch only the send phase and return a hook that launches the
             receive phase (call it before the next low-latency call).
         stream: CuPy/torch/cuda.core stream or handle (default: CuPy's current stream).
@@ -1466,6 +1478,8 @@ def low_latency_dispatch(ctx, x, topk_idx, use_fp8=True, round_scale=False, use_
     stats = cumulative_local_expert_recv_stats
     if stats is not None:
         _check("cumulative_local_expert_recv_stats", stats, (np.int32,), shape=(L,))
+    if wait_recv_cost_stats is not None:
+        _check("wait_recv_cost_stats", wait_recv_cost_stats, (np.int64,), shape=(R,))
     _check_hook_flag(return_recv_hook)
 
     ctx._prepare()
@@ -1492,7 +1506,8 @@ def low_latency_dispatch(ctx, x, topk_idx, use_fp8=True, round_scale=False, use_
     def launch_recv(s):
         recv.launch(L, THREADS, ctx.rank, ctx.base, recv_off, sig_off, _addr(recv_x),
                     _addr(scales), _addr(src_info), _addr(layout_range), _addr(recv_count),
-                    _addr(stats), ctx.timeout_ns, ctx.errors.device_address, stream=s)
+                    _addr(stats), _addr(wait_recv_cost_stats), ctx.timeout_ns,
+                    ctx.errors.device_address, stream=s)
 
     hook = None
     if return_recv_hook:
@@ -1523,7 +1538,8 @@ def next_combine_buffer(ctx):
 
 
 def low_latency_combine(ctx, x, topk_idx, topk_weights, src_info, layout_range, use_logfmt=False,
-                        zero_copy=False, out=None, return_recv_hook=False, stream=None):
+                        zero_copy=False, out=None, return_recv_hook=False, stream=None,
+                        wait_recv_cost_stats=None):
     """Send my experts' outputs back to the tokens' ranks; take each token's weighted sum.
 
     Args:
@@ -1539,6 +1555,9 @@ def low_latency_combine(ctx, x, topk_idx, topk_weights, src_info, layout_range, 
         zero_copy: see x.
         out: optional ``[T, H]`` uint16/int16 output, written in place.
         return_recv_hook, stream: as in low_latency_dispatch.
+        wait_recv_cost_stats: optional int64 ``[R]``: entry r grows by the nanoseconds the
+            receive phase waited for rank r's rows (DeepEP's combine_wait_recv_cost_stats,
+            in clock cycles there).
 
     Returns ``(out [T, H] bf16 bits, hook or None)``:
     ``out[t] = bf16(sum over k with topk_idx[t, k] >= 0 of topk_weights[t, k] * y[t, k])`` where
@@ -1566,6 +1585,8 @@ def low_latency_combine(ctx, x, topk_idx, topk_weights, src_info, layout_range, 
     _check("layout_range", layout_range, (np.int64,), shape=(L, R))
     if out is not None:
         _check("out", out, (np.uint16, np.int16), shape=(T, H), align=16)
+    if wait_recv_cost_stats is not None:
+        _check("wait_recv_cost_stats", wait_recv_cost_stats, (np.int64,), shape=(R,))
     _check_hook_flag(return_recv_hook)
 
     ctx._prepare()
@@ -1583,7 +1604,8 @@ def low_latency_combine(ctx, x, topk_idx, topk_weights, src_info, layout_range, 
     def launch_recv(s):
         recv.launch(max(1, min(T, ctx.num_sms)), THREADS, _addr(topk_idx), _addr(topk_weights),
                     _addr(out), T, ctx.rank, ctx.base, recv_off, sig_off, _addr(ctx._log2),
-                    ctx.timeout_ns, ctx.errors.device_address, stream=s)
+                    _addr(wait_recv_cost_stats), ctx.timeout_ns, ctx.errors.device_address,
+                    stream=s)
 
     hook = None
     if return_recv_hook:

@@ -275,9 +275,11 @@ def one_round(env, name, seed, T=None, masked=0, use_fp8=True, round_scale=False
     with st:
         x_d, topk_d, w_d = cupy.asarray(bits), cupy.asarray(topk), cupy.asarray(w)
         stats = cupy.full((L,), 5, dtype=cupy.int32)
+        wait_d = cupy.full((R,), 7, dtype=cupy.int64)    # wait-cost stats only ever grow
+        wait_c = cupy.full((R,), 7, dtype=cupy.int64)
     recv = ll.low_latency_dispatch(ctx, x_d, topk_d, use_fp8=use_fp8, round_scale=round_scale,
                                    use_ue8m0=use_ue8m0, cumulative_local_expert_recv_stats=stats,
-                                   return_recv_hook=hooks, stream=st)
+                                   return_recv_hook=hooks, stream=st, wait_recv_cost_stats=wait_d)
     if hooks:
         assert recv[5] is not None and not recv[5].called
         with st:
@@ -324,11 +326,15 @@ def one_round(env, name, seed, T=None, masked=0, use_fp8=True, round_scale=False
             out_arr = cupy.full((T, H), 0xFFFF, dtype=cupy.uint16)
     out, hk = ll.low_latency_combine(ctx, y_in, topk_d, w_d, recv[3], recv[4],
                                      use_logfmt=use_logfmt, zero_copy=zero_copy, out=out_arr,
-                                     return_recv_hook=hooks, stream=st)
+                                     return_recv_hook=hooks, stream=st,
+                                     wait_recv_cost_stats=wait_c)
     if hooks:
         hk()
     st.synchronize()
     ctx.check()
+    for what, arr in (("dispatch", wait_d), ("combine", wait_c)):
+        ns = cupy.asnumpy(arr) - 7
+        assert ((ns >= 0) & (ns < 10 * 10**9)).all(), f"{what} wait-cost stats {ns}"
     if use_out:
         assert out is out_arr
     got_out = cupy.asnumpy(out).view(np.uint16)
@@ -495,7 +501,10 @@ def ll_timeout(group):
             bits, topk, w = make_inputs(rng, 8, ctx.hidden, 5, ctx.num_experts, 0)
             with env.stream:
                 x_d, t_d, w_d = cupy.asarray(bits), cupy.asarray(topk), cupy.asarray(w)
-            recv = ll.low_latency_dispatch(ctx, x_d, t_d, stream=env.stream)
+                wait_d = cupy.zeros(2, cupy.int64)
+                wait_c = cupy.zeros(2, cupy.int64)
+            recv = ll.low_latency_dispatch(ctx, x_d, t_d, stream=env.stream,
+                                           wait_recv_cost_stats=wait_d)
             env.stream.synchronize()
             try:
                 ctx.check()
@@ -504,11 +513,15 @@ def ll_timeout(group):
                 assert e.peer == 1 and e.rank == 0, (e.peer, e.rank)
                 assert "low_latency_dispatch" in str(e), str(e)
                 seen.append(str(e))
+            # The wait for rank 1 lasted the whole timeout (0.5 s), per local expert.
+            ns = cupy.asnumpy(wait_d)
+            assert ns[1] >= 0.5e9 and ns[0] < 0.5e9, f"dispatch wait-cost stats {ns}"
             with env.stream:
                 y = cupy.zeros((ctx.num_local_experts, 2 * ctx.num_max_dispatch_tokens_per_rank,
                                 ctx.hidden), cupy.uint16)
             ll.low_latency_combine(ctx, y,
-                                   t_d, w_d, recv[3], recv[4], stream=env.stream)
+                                   t_d, w_d, recv[3], recv[4], stream=env.stream,
+                                   wait_recv_cost_stats=wait_c)
             env.stream.synchronize()
             try:
                 ctx.check()
@@ -516,6 +529,8 @@ def ll_timeout(group):
             except CommTimeoutError as e:
                 assert e.peer == 1 and "low_latency_combine" in str(e), str(e)
                 seen.append(str(e))
+            ns = cupy.asnumpy(wait_c)   # block 0's wait only: one timeout, not one per block
+            assert 0.5e9 <= ns[1] < 2e9 and ns[0] < 0.5e9, f"combine wait-cost stats {ns}"
         group.barrier()
         return seen
     finally:
