@@ -38,8 +38,25 @@ def array_module(a):
     return cupy
 
 
+_cupy_ndarray = None     # cupy.ndarray, learnt from the first one seen (no cupy import here)
+
+
+def is_cupy(a) -> bool:
+    """True for a CuPy array, by type identity after the first one (hot paths call this)."""
+    global _cupy_ndarray
+    t = type(a)
+    if t is _cupy_ndarray:
+        return True
+    if _cupy_ndarray is None and t.__name__ == "ndarray" and t.__module__.startswith("cupy"):
+        _cupy_ndarray = t
+        return True
+    return False
+
+
 def address(a) -> int:
     """Address of the first element: device address for CuPy/torch, host address for NumPy."""
+    if is_cupy(a):
+        return a.data.ptr
     if isinstance(a, np.ndarray):
         return a.ctypes.data
     if is_torch(a):
@@ -176,10 +193,7 @@ class ArrayInfo(NamedTuple):
 
 def is_array(a) -> bool:
     """True for a NumPy array, a CuPy array or a torch tensor."""
-    if isinstance(a, np.ndarray) or is_torch(a):
-        return True
-    t = type(a)
-    return t.__module__.startswith("cupy") and t.__name__ == "ndarray"
+    return is_cupy(a) or isinstance(a, np.ndarray) or is_torch(a)
 
 
 _DTYPE_NAMES = {}
@@ -198,8 +212,7 @@ def array_info(a, name="array") -> ArrayInfo:
 
     Raises TypeError naming ``name`` for anything else.
     """
-    t = type(a)
-    if t.__name__ == "ndarray" and t.__module__.startswith("cupy"):
+    if is_cupy(a):
         dt = a.dtype
         item = dt.itemsize
         # _c_contiguous: CuPy's read-only attribute behind flags.c_contiguous (10x cheaper)

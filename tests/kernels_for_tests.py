@@ -29,3 +29,13 @@ def raises(exc, call, *fragments):
     for f in fragments:
         assert f in str(e.value), f"{f!r} not in {str(e.value)!r}"
     return e.value
+
+
+def cupy_view(shape, dtype, strides=None, ptr=1 << 20):
+    """A CuPy array header over a fake device address: metadata only, needs no GPU (CuPy builds
+    it without asking the driver). For checks that read shapes, dtypes, strides, addresses."""
+    import cupy
+    from cupy.cuda import memory
+
+    mem = memory.UnownedMemory(ptr, 1 << 30, None, device_id=0)
+    return cupy.ndarray(shape, dtype=dtype, memptr=memory.MemoryPointer(mem, 0), strides=strides)

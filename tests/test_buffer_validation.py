@@ -729,3 +729,23 @@ def test_a_tagged_handle_is_validated_once_per_buffer_and_channel_count(kernels,
            "channels")
     raises(ValueError, lambda: host_buffer().dispatch(inp.x, handle=h, config=CONFIG),
            "another Buffer")
+
+
+def test_cupy_arrays_are_described_from_their_own_attributes():
+    """array_info / address read CuPy's attributes directly (no dtype.name, no flags object);
+    the answers must match what those slower paths would say."""
+    from kernels_for_tests import cupy_view
+
+    from numba_ep.interop import address, is_array, is_cupy
+
+    a = cupy_view((6, 16), np.uint16, ptr=0x7000)
+    assert is_cupy(a) and is_array(a) and address(a) == 0x7000
+    info = array_info(a, "x")
+    assert info == ("cupy", "uint16", 2, (6, 16), (16, 1), 0, True)
+    t = cupy_view((16, 6), np.float32, strides=(4, 64))       # a transposed view
+    info = array_info(t, "t")
+    assert info.c_contiguous is False and info.strides == (1, 16) and info.dtype == "float32"
+    raises(ValueError, lambda: check_array(t, "t", device=0), "t: expected a C-contiguous")
+    e = cupy_view((0, 16), np.uint16, strides=(0, 0))           # empty: contiguous
+    assert array_info(e, "e").c_contiguous is True
+    assert not is_cupy(np.zeros(3)) and not is_cupy(None)

@@ -427,24 +427,17 @@ def test_kernel_specs():
     assert fake_ctx(unmapped=(1,)).use_nvshmem
 
 
-def _cupy_view(shape, dtype, strides=None):
-    """A CuPy array header over a fake device address (metadata only; needs no GPU)."""
-    import cupy
-    from cupy.cuda import memory
-
-    mem = memory.UnownedMemory(1 << 20, 1 << 30, None, device_id=0)
-    return cupy.ndarray(shape, dtype=dtype, memptr=memory.MemoryPointer(mem, 0), strides=strides)
-
-
 def test_checks_read_cupy_metadata_directly():
     """CuPy arrays skip __cuda_array_interface__; empty ones (strides all 0) are C-contiguous,
     as a GPU run with zero tokens found out, and strided ones are still rejected."""
+    from kernels_for_tests import cupy_view
+
     for shape, strides in (((0, 7168), (0, 0)), ((0, 7168), None), ((1, 7168), None),
                            ((128, 7168), None)):
-        a = _cupy_view(shape, np.uint16, strides)
+        a = cupy_view(shape, np.uint16, strides)
         assert ll._check("x", a, (np.uint16, np.int16), ndim=2, align=16) == (1 << 20)
         assert ll._shape(a) == shape and ll._addr(a) == (1 << 20)
     with pytest.raises(ValueError, match="x: expected a C-contiguous array"):
-        ll._check("x", _cupy_view((4, 8), np.uint16, (32, 2)), (np.uint16,), ndim=2)
+        ll._check("x", cupy_view((4, 8), np.uint16, (32, 2)), (np.uint16,), ndim=2)
     with pytest.raises(TypeError, match="topk_idx: expected dtype int64, got int32"):
-        ll._check_topk(_cupy_view((4, 8), np.int32))
+        ll._check_topk(cupy_view((4, 8), np.int32))

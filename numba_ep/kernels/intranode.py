@@ -61,6 +61,7 @@ import numpy as np
 
 from numba import cuda, float32, int32, int64, uint32, uint64
 
+from numba_ep.interop import address
 from numba_ep.kernels import ptx
 from numba_ep.kernels.barrier import barrier_block
 from numba_ep.kernels.waits import KERNEL_IDS, record_timeout, timed_out
@@ -796,8 +797,6 @@ class IntranodeContext:
 
 
 def _addr(a) -> int:
-    from numba_ep.interop import address
-
     return 0 if a is None else address(a)
 
 

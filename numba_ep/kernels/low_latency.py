@@ -115,6 +115,7 @@ import numpy as np
 import numba_ep  # noqa: F401  (NumPy shim before numba.cuda)
 from numba import cuda, float32, float64, int32, int64, uint16, uint32, uint64
 
+from numba_ep.interop import is_cupy
 from numba_ep.kernels import ptx
 from numba_ep.kernels.waits import KERNEL_IDS, record_timeout, timed_out
 
@@ -1304,26 +1305,12 @@ def _cai(name, a):
     return iface
 
 
-_cupy_ndarray = None     # cupy.ndarray, learnt from the first one seen (no cupy import here)
-
-
-def _is_cupy(a):
-    global _cupy_ndarray
-    t = type(a)
-    if t is _cupy_ndarray:
-        return True
-    if _cupy_ndarray is None and t.__name__ == "ndarray" and t.__module__.startswith("cupy"):
-        _cupy_ndarray = t
-        return True
-    return False
-
-
 def _meta(name, a):
     """(shape, dtype, byte strides or None when C-contiguous, address) of a device array.
 
     CuPy arrays are read directly: building ``__cuda_array_interface__`` asks the runtime for
     the current stream and costs several microseconds, on every call of a latency-bound API."""
-    if _is_cupy(a):
+    if is_cupy(a):
         # CuPy's own C-order flag: it knows that empty and single-element arrays (whose strides
         # may be anything, e.g. all 0) are C-contiguous, as the interface's strides=None says.
         contig = getattr(a, "_c_contiguous", None)
@@ -1361,7 +1348,7 @@ def _check(name, a, dtypes, ndim=None, shape=None, contiguous=True, align=None):
 
 
 def _shape(a):
-    if _is_cupy(a):
+    if is_cupy(a):
         return a.shape
     return tuple(int(v) for v in a.__cuda_array_interface__["shape"])
 
@@ -1369,7 +1356,7 @@ def _shape(a):
 def _addr(a):
     if a is None:
         return 0
-    if _is_cupy(a):
+    if is_cupy(a):
         return a.data.ptr
     return int(a.__cuda_array_interface__["data"][0])
 
