@@ -101,3 +101,25 @@ def test_every_rank_count_schedules(R):
         hint = cfg.get_nvl_buffer_size_hint(7168 * 2, R)
         assert hint >= I.nvl_bytes_needed(R, C, N, 7168 * 2, 8, 7168 // 128)
         assert hint >= I.nvl_bytes_needed(R, C, N, 7168 * 2, 16, 0)
+
+
+@pytest.mark.parametrize("R", range(1, 9))
+def test_remote_warp_groups_cover_every_peer_once(R):
+    """Dispatch receivers and combine senders split their 24 warps over the R - 1 other ranks
+    (peer_group): for every rank, each other rank gets one group of WARPS // (R - 1) warps with
+    in-group indices 0..n-1 and its own named barrier (ids 1..R-1), and no warp serves two."""
+    peer_group = I.peer_group.py_func
+    per = I.WARPS // max(R - 1, 1)
+    for rank in range(R):
+        groups = {}
+        for warp in range(I.WARPS):
+            peer, wg, grp = peer_group(warp, rank, R, per)
+            if peer < 0:
+                continue
+            assert peer != rank and 0 <= peer < R and 1 <= grp + 1 <= R - 1 < 16
+            groups.setdefault(peer, []).append((wg, grp))
+        assert set(groups) == set(range(R)) - {rank}
+        for peer, members in groups.items():
+            assert sorted(wg for wg, _ in members) == list(range(per))
+            assert len({grp for _, grp in members}) == 1
+        assert len({m[0][1] for m in groups.values()}) == len(groups)  # distinct barriers
