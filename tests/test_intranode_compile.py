@@ -123,3 +123,29 @@ def test_remote_warp_groups_cover_every_peer_once(R):
             assert sorted(wg for wg, _ in members) == list(range(per))
             assert len({grp for _, grp in members}) == 1
         assert len({m[0][1] for m in groups.values()}) == len(groups)  # distinct barriers
+
+
+@pytest.mark.parametrize("R", [2, 8])
+def test_dispatch_and_combine_fit_768_threads_without_spills(R, sm90):
+    """With the launch bounds they run under (768 threads, 1 block per SM) ptxas gives each
+    thread at most 80 registers; the 8-deep copy unroll must fit them with no spills."""
+    import re
+
+    from cuda.core import Linker, LinkerOptions, ObjectCode
+
+    C, N, row16, K, S, L = 12, 256, 896, 8, 56, 16
+    lay = I.RingLayout(R, C, N, row16 * 16, K, S)
+    for fn, sig in ((I.make_dispatch(R, C, N, row16, K, S, L, **lay.constants(), **I.TUNING),
+                     I.DISPATCH_SIG),
+                    (I.make_combine(R, C, N, row16, K, **lay.constants(), **I.TUNING),
+                     I.COMBINE_SIG)):
+        text, _ = cuda.compile(fn, launch.parse_signature(sig), device=False, cc=(9, 0),
+                               output="ptx", abi="numba", launch_bounds=(I.THREADS, 1))
+        linker = Linker(ObjectCode.from_ptx(text.encode()),
+                        options=LinkerOptions(arch="sm_90", verbose=True))
+        linker.link("cubin")
+        log = linker.get_info_log() or ""
+        regs = [int(v) for v in re.findall(r"Used (\d+) registers", log)]
+        spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+        assert regs and max(regs) <= 65536 // I.THREADS, log
+        assert spills and not any(spills), log
