@@ -39,3 +39,24 @@ def cupy_view(shape, dtype, strides=None, ptr=1 << 20):
 
     mem = memory.UnownedMemory(ptr, 1 << 30, None, device_id=0)
     return cupy.ndarray(shape, dtype=dtype, memptr=memory.MemoryPointer(mem, 0), strides=strides)
+
+
+class KernelCalled(Exception):
+    """Raised by a stubbed kernel entry point (``stub_kernels``) with the entry point's name."""
+
+
+def stub_kernels(monkeypatch, module, names):
+    """Replace ``module.<name>`` for each name by a stub that records the name in the returned
+    list and raises KernelCalled(name): validation tests then see whether (and which) kernel
+    work a call reached. Returns ``(calls, make)``; ``make(name)`` builds one more stub."""
+    calls = []
+
+    def make(name):
+        def boom(*args, **kwargs):
+            calls.append(name)
+            raise KernelCalled(name)
+        return boom
+
+    for name in names:
+        monkeypatch.setattr(module, name, make(name))
+    return calls, make

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import numba_ep  # noqa: F401  (NumPy shim first)
-from kernels_for_tests import raises  # noqa: E402
+from kernels_for_tests import KernelCalled, raises, stub_kernels  # noqa: E402
 from numba_ep import reference
 from numba_ep.buffer import (LL_LOGFMT_MAX_HIDDEN, LL_MAX_LOCAL_EXPERTS, LL_MAX_TOPK, Buffer,
                              _LowLatencyHandle)
@@ -34,22 +34,10 @@ ENTRY_POINTS = ("LowLatencyContext", "low_latency_dispatch", "low_latency_combin
                 "next_combine_buffer", "clean_low_latency_buffer")
 
 
-class KernelCalled(Exception):
-    pass
-
-
 @pytest.fixture
 def kernels(monkeypatch):
-    calls = []
-
-    def make(name):
-        def boom(*args, **kwargs):
-            calls.append(name)
-            raise KernelCalled(name)
-        return boom
-
-    for name in ENTRY_POINTS:
-        monkeypatch.setattr(ll, name, make(name))
+    """Every kernel entry point raises KernelCalled(name) and is recorded in ``calls``."""
+    calls, _ = stub_kernels(monkeypatch, ll, ENTRY_POINTS)
     return calls
 
 

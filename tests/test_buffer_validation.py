@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import numba_ep  # noqa: F401  (NumPy shim first)
-from kernels_for_tests import raises  # noqa: E402
+from kernels_for_tests import KernelCalled, raises, stub_kernels  # noqa: E402
 from numba_ep import reference
 from numba_ep.buffer import MAX_TOPK, Buffer, _Handle, check_array, check_expert_ids
 from numba_ep.config import Config
@@ -34,10 +34,6 @@ C = CONFIG.num_channels
 BIG = 1 << 30                      # num_nvl_bytes of the fake IPC buffer (never allocated)
 
 
-class KernelCalled(Exception):
-    pass
-
-
 ENTRY_POINTS = ("IntranodeContext", "notify_dispatch", "wait_recv_counts", "cached_notify",
                 "dispatch", "combine")
 
@@ -45,16 +41,7 @@ ENTRY_POINTS = ("IntranodeContext", "notify_dispatch", "wait_recv_counts", "cach
 @pytest.fixture
 def kernels(monkeypatch):
     """Every kernel entry point raises KernelCalled(name) and is recorded in ``calls``."""
-    calls = []
-
-    def make(name):
-        def boom(*args, **kwargs):
-            calls.append(name)
-            raise KernelCalled(name)
-        return boom
-
-    for name in ENTRY_POINTS:
-        monkeypatch.setattr(intranode, name, make(name))
+    calls, make = stub_kernels(monkeypatch, intranode, ENTRY_POINTS)
     monkeypatch.setattr(layout, "get_dispatch_layout", make("layout"))
     return calls
 
