@@ -55,17 +55,11 @@ CASES = [
 
 def kernel_specs(nranks):
     """Every low-latency (factory, signature, constants) the functions below launch."""
-    from types import SimpleNamespace
-
     from numba_ep.kernels import low_latency as ll
-    from numba_ep.reference import get_low_latency_rdma_size_hint
 
-    specs = {}
+    lists = []
     for name, s in SHAPES.items():
-        buf = SimpleNamespace(ptr=1 << 32, peer_ptrs=[(1 << 32) + (r << 36) for r in range(nranks)],
-                              nbytes=get_low_latency_rdma_size_hint(s["M"], s["H"], nranks, s["E"]))
-        ctx = ll.LowLatencyContext(buf, 0, nranks, s["M"], s["H"], s["E"])
-        lists = []
+        ctx = W.spec_context(nranks, s)
         for shape, _, _, fp8, rs, ue, _, zc, _, _ in CASES:
             if shape == name:
                 lists += ll.dispatch_kernels(ctx, s["K"], fp8, rs, ue)
@@ -73,9 +67,7 @@ def kernel_specs(nranks):
         if name == "D":   # the torch round
             lists += ll.dispatch_kernels(ctx, s["K"], True, False, False)
             lists += ll.combine_kernels(ctx, s["K"], False, True)
-        for f, sig, c in lists:
-            specs[(f.__name__, tuple(sorted(c.items())))] = (f, sig, c)
-    return list(specs.values())
+    return W.unique_specs(lists)
 
 
 compile_spec = W.compile_spec

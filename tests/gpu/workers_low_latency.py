@@ -51,17 +51,11 @@ MATRIX = [
 
 def kernel_specs(nranks):
     """Every (factory, signature, constants) the workers below launch with ``nranks`` ranks."""
-    from types import SimpleNamespace
-
     from numba_ep.kernels import low_latency as ll
-    from numba_ep.reference import get_low_latency_rdma_size_hint
 
-    specs = {}
-    for name, s in SHAPES.items():
-        buf = SimpleNamespace(ptr=1 << 32, peer_ptrs=[(1 << 32) + (r << 36) for r in range(nranks)],
-                              nbytes=get_low_latency_rdma_size_hint(s["M"], s["H"], nranks, s["E"]))
-        ctx = ll.LowLatencyContext(buf, 0, nranks, s["M"], s["H"], s["E"])
-        lists = []
+    lists = []
+    for s in SHAPES.values():
+        ctx = spec_context(nranks, s)
         for fp8, rs, ue in [(True, False, False), (True, True, False), (True, True, True),
                             (False, False, False)]:
             if ue and s["H"] % 512:
@@ -69,8 +63,28 @@ def kernel_specs(nranks):
             lists += ll.dispatch_kernels(ctx, s["K"], fp8, rs, ue)
         for lf, zc in [(False, False), (False, True), (True, False)]:
             lists += ll.combine_kernels(ctx, s["K"], lf, zc)
-        for f, sig, c in lists:
-            specs[(f.__name__, tuple(sorted(c.items())))] = (f, sig, c)
+    return unique_specs(lists)
+
+
+def spec_context(nranks, shape):
+    """A LowLatencyContext of ``shape`` (a dict with M, H, E) over a fake symmetric buffer: enough
+    to list the kernel specifications rank 0 will launch, without a GPU."""
+    from types import SimpleNamespace
+
+    from numba_ep.kernels import low_latency as ll
+    from numba_ep.reference import get_low_latency_rdma_size_hint
+
+    M, H, E = shape["M"], shape["H"], shape["E"]
+    buf = SimpleNamespace(ptr=1 << 32, peer_ptrs=[(1 << 32) + (r << 36) for r in range(nranks)],
+                          nbytes=get_low_latency_rdma_size_hint(M, H, nranks, E))
+    return ll.LowLatencyContext(buf, 0, nranks, M, H, E)
+
+
+def unique_specs(lists):
+    """The (factory, signature, constants) triples of ``lists`` without repeats, in order."""
+    specs = {}
+    for f, sig, c in lists:
+        specs.setdefault((f.__name__, tuple(sorted(c.items()))), (f, sig, c))
     return list(specs.values())
 
 
