@@ -736,3 +736,31 @@ def test_cupy_arrays_are_described_from_their_own_attributes():
     e = cupy_view((0, 16), np.uint16, strides=(0, 0))           # empty: contiguous
     assert array_info(e, "e").c_contiguous is True
     assert not is_cupy(np.zeros(3)) and not is_cupy(None)
+
+
+# ============================================================================ bench intranode
+
+def test_bench_intranode_takes_the_slowest_rank_and_the_mean_bandwidth(monkeypatch):
+    import numba_ep.group
+    from numba_ep import bench
+
+    seen = {}
+
+    def fake_spawn(fn, n, **kwargs):
+        seen.update(fn=fn, n=n, **kwargs)
+        return [{"dispatch BF16, us (back-to-back calls, DeepEP's method)": 250.0 + r,
+                 "dispatch BF16, device us (graph replay)": 240.0 - r,
+                 "dispatch BF16, host us per call": 150.0 + 10 * r,
+                 "dispatch BF16, logical GB/s": 400.0 + 20 * r,
+                 "remote rows": 4000.0 + 2 * r} for r in range(n)]
+
+    monkeypatch.setattr(numba_ep.group, "spawn", fake_spawn)
+    rows = bench.bench_intranode(2)
+    assert seen["fn"] is bench.intranode_rank and seen["n"] == 2
+    assert rows["ranks"] == 2.0
+    assert rows["dispatch BF16, us (back-to-back calls, DeepEP's method)"] == 251.0   # slowest
+    assert rows["dispatch BF16, device us (graph replay)"] == 240.0
+    assert rows["dispatch BF16, host us per call"] == 160.0
+    assert rows["dispatch BF16, logical GB/s"] == 410.0                            # mean
+    assert rows["remote rows"] == 4001.0
+    assert rows["DeepEP V1 2xH100: dispatch BF16 / FP8 / combine, us"] == "356 / 253 / 414"
