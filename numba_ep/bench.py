@@ -337,7 +337,6 @@ def intranode_rank(group, num_tokens=4096, hidden=7168, num_topk=8, num_experts=
                     group.barrier()
                     profile_calls(lambda: buf.combine(recv_x, handle, config=cfg_c), stream,
                                   profile + ".combine.txt" if rank == 0 else None)
-                group.barrier()
             finally:
                 intranode.TUNING.clear()
                 intranode.TUNING.update(saved)

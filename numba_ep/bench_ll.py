@@ -20,8 +20,8 @@ bandwidth (bytes of every valid (token, slot) message, FP8: H + H/128*4 + 16; BF
 over the median time.
 
 Host cost: ``host_dispatch+combine`` is the host's wall time per dispatch + combine while it
-enqueues them behind the delay kernel (no events in that loop); ``graph_dispatch+combine`` is the GPU
-time of one dispatch + combine captured in a CUDA graph and replayed back to back, and
+enqueues them behind the delay kernel (no events in that loop); ``graph_dispatch+combine`` is
+the GPU time of one dispatch + combine captured in a CUDA graph and replayed back to back, and
 ``host_graph_replay`` the host's time per replay.
 
 DeepEP V1 on 2 x H100 at the default size: dispatch 30-35 us, combine 41-43 us.

@@ -86,7 +86,8 @@ above, and keeps one ``LowLatencyContext`` per (M, H, E) shape over its NVSHMEM 
 - Not range-checked on the device: the expert ids (a check would synchronise every call).
 - ``dispatch_wait_recv_cost_stats`` / ``combine_wait_recv_cost_stats`` (int64 ``[R]``) count
   nanoseconds of %globaltimer where DeepEP counts clock cycles: the same slow-rank diagnosis in
-  units that do not depend on the clock. Shrink mode (``enable_shrink``, the mask-buffer methods) is not implemented.
+  units that do not depend on the clock.
+- Shrink mode (``enable_shrink``, the mask-buffer methods) is not implemented.
 - Timeouts: a receive phase that waits longer than ``timeout_s`` for a peer records it; the
   next call (or hook) on this Buffer raises ``CommTimeoutError`` and the Buffer is unusable.
 - CuPy callers: BF16 is ``uint16`` and FP8 ``uint8`` (recv_x of an FP8 dispatch), as above.

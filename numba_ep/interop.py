@@ -53,6 +53,14 @@ def is_cupy(a) -> bool:
     return False
 
 
+def cupy_c_contiguous(a) -> bool:
+    """CuPy's own C-order flag of a CuPy array. Read through the (read-only, Cython) attribute
+    behind ``flags.c_contiguous``, 10x cheaper than building the flags object; it also knows that
+    empty and one-element arrays (whose strides may be anything, e.g. all 0) are C-contiguous."""
+    contig = getattr(a, "_c_contiguous", None)
+    return a.flags.c_contiguous if contig is None else contig
+
+
 def address(a) -> int:
     """Address of the first element: device address for CuPy/torch, host address for NumPy."""
     if is_cupy(a):
@@ -215,11 +223,9 @@ def array_info(a, name="array") -> ArrayInfo:
     if is_cupy(a):
         dt = a.dtype
         item = dt.itemsize
-        # _c_contiguous: CuPy's read-only attribute behind flags.c_contiguous (10x cheaper)
-        contig = getattr(a, "_c_contiguous", None)
         return ArrayInfo("cupy", _dtype_name(dt), item, a.shape,
                          tuple([s // item for s in a.strides]), a.data.device_id,
-                         a.flags.c_contiguous if contig is None else contig)
+                         cupy_c_contiguous(a))
     if isinstance(a, np.ndarray):
         item = a.dtype.itemsize
         return ArrayInfo("numpy", _dtype_name(a.dtype), item, tuple(a.shape),

@@ -115,7 +115,7 @@ import numpy as np
 import numba_ep  # noqa: F401  (NumPy shim before numba.cuda)
 from numba import cuda, float32, float64, int32, int64, uint16, uint32, uint64
 
-from numba_ep.interop import is_cupy
+from numba_ep.interop import cupy_c_contiguous, is_cupy
 from numba_ep.kernels import ptx
 from numba_ep.kernels.waits import KERNEL_IDS, record_timeout, timed_out
 
@@ -1311,12 +1311,7 @@ def _meta(name, a):
     CuPy arrays are read directly: building ``__cuda_array_interface__`` asks the runtime for
     the current stream and costs several microseconds, on every call of a latency-bound API."""
     if is_cupy(a):
-        # CuPy's own C-order flag: it knows that empty and single-element arrays (whose strides
-        # may be anything, e.g. all 0) are C-contiguous, as the interface's strides=None says.
-        contig = getattr(a, "_c_contiguous", None)
-        if contig is None:
-            contig = a.flags.c_contiguous
-        return a.shape, a.dtype, None if contig else a.strides, a.data.ptr
+        return a.shape, a.dtype, None if cupy_c_contiguous(a) else a.strides, a.data.ptr
     iface = _cai(name, a)
     return (tuple(int(v) for v in iface["shape"]), np.dtype(iface["typestr"]),
             iface.get("strides"), int(iface["data"][0]))
