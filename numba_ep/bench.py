@@ -436,8 +436,17 @@ def bench_intranode(ranks=None):
     for k in results[0]:
         vals = [r[k] for r in results]
         rows[k] = statistics.mean(vals) if "GB/s" in k or "rows" in k else max(vals)
-    rows["DeepEP V1 2xH100: dispatch BF16 / FP8 / combine, us"] = "356 / 253 / 414"
+    rows.update(DEEPEP_V1_INTRANODE.get(n, {f"DeepEP V1 published EP{n}": "none"}))
     return rows
+
+
+#: DeepEP V1's published intranode figures (4096 tokens x 7168, top-8 of 256, 24 SMs), by ranks.
+#: EP8 is on H800, whose NVLink is about half of an H100's.
+DEEPEP_V1_INTRANODE = {
+    2: {"DeepEP V1 2xH100: dispatch BF16 / FP8 / combine, us": "356 / 253 / 414"},
+    8: {"DeepEP V1 EP8 H800: dispatch FP8 / combine, GB/s": "153 / 158",
+        "third-party DeepEP 8xH100: dispatch BF16 / combine, logical GB/s": "329 / 287"},
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +456,8 @@ def bench_intranode(ranks=None):
 
 #: DeepEP V1 on 2 x H100 at the default shape (T = 128, H = 7168, top-8 of 288 experts), us
 DEEPEP_V1_LL_2XH100 = {"dispatch": "30-35", "combine": "41-43", "dispatch+combine": "76"}
+#: DeepEP V1's README, EP8 on H800 after NVLink P2P for intranode peers, us
+DEEPEP_V1_LL_EP8_H800 = {"dispatch": "77", "combine": "114"}
 
 _LL_ROWS = (
     ("dispatch", "dispatch (FP8), us"),
@@ -478,8 +489,10 @@ def bench_low_latency(ranks=None, num_tokens=128, hidden=7168, num_topk=8, num_e
                      "experts"}
     for key, label in _LL_ROWS:
         rows[label] = max(r[key] for r in results)
-        if key in DEEPEP_V1_LL_2XH100:
+        if n == 2 and key in DEEPEP_V1_LL_2XH100:
             rows[f"  DeepEP V1 2xH100 {key}, us"] = DEEPEP_V1_LL_2XH100[key]
+        if n == 8 and key in DEEPEP_V1_LL_EP8_H800:
+            rows[f"  DeepEP V1 EP8 H800 (NVLink P2P) {key}, us"] = DEEPEP_V1_LL_EP8_H800[key]
     rows["dispatch logical GB/s (FP8 messages)"] = statistics.mean(
         r["dispatch_GBps"] for r in results)
     rows["combine logical GB/s (BF16 rows)"] = statistics.mean(r["combine_GBps"] for r in results)

@@ -3,7 +3,8 @@
 # short summary printed last. Build the bundle first with scripts/prepare_device.sh (it adds
 # pytest to the shared bundle), then, from the repo root (with .device-bundle/ carried):
 #     bash scripts/gpu_run.sh [TESTS...] [-- BENCHES...]
-# TESTS default to tests/gpu; BENCHES default to "launch layout".
+# TESTS default to tests/gpu; BENCHES default to "launch layout"; a bench may name its rank count
+# (intranode:2). PYTEST_TIMEOUT / BENCH_TIMEOUT (s) bound each part; SKIP_CHECK=1 skips check.py.
 set -uo pipefail
 OUT=${OUT:-/tmp/numba_ep_out}; mkdir -p "$OUT"
 source .device-bundle/activate > "$OUT/run.log" 2>&1 || { cat "$OUT/run.log"; exit 1; }
@@ -26,7 +27,10 @@ if [ "${tests[0]}" != "none" ]; then
   summary+=("pytest (${tests[*]}): $(tail -1 "$OUT/pytest.log")")
 fi
 for b in "${benches[@]}"; do
-  timeout 240 python3 -W ignore -m numba_ep bench "$b" --json "$OUT/bench-$b.json" > "$OUT/bench.log" 2>&1
+  # NAME or NAME:RANKS (e.g. intranode:2 on a 4-GPU machine)
+  name=${b%%:*}; extra=(); [ "$name" = "$b" ] || extra=(--ranks "${b#*:}")
+  timeout ${BENCH_TIMEOUT:-240} python3 -W ignore -m numba_ep bench "$name" "${extra[@]}" \
+    --json "$OUT/bench-${b/:/-ep}.json" > "$OUT/bench.log" 2>&1
   summary+=("bench $b (rc $?):"); while IFS= read -r l; do summary+=("  $l"); done < "$OUT/bench.log"
   cat "$OUT/bench.log" >> "$OUT/run.log"; rm -f "$OUT/bench.log"
 done

@@ -149,3 +149,34 @@ def test_dispatch_and_combine_fit_768_threads_without_spills(R, sm90):
         spills = [int(v) for v in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
         assert regs and max(regs) <= 65536 // I.THREADS, log
         assert spills and not any(spills), log
+
+
+def test_kernel_specs_are_what_the_launchers_compile(monkeypatch):
+    """The spec functions are the launchers' only route to get_kernel: a launch with the mocked
+    get_kernel must ask for exactly the spec's keywords, and the specs of the GPU suites exist for
+    every rank count (tests/gpu/parallel_compile.py builds them before the ranks start)."""
+    import os
+    import sys
+
+    from numba_ep import launch as L
+
+    asked = []
+    monkeypatch.setattr(L, "get_kernel", lambda f, sig, **kw: asked.append((f, sig, kw)) or
+                        type("K", (), {"launch": lambda *a, **k: None})())
+    spec = I.dispatch_spec(4, 12, 256, 7168 * 2, 8, 0, 64)
+    I._get(spec)
+    assert asked[-1] == spec and spec[2]["launch_bounds"] == (I.THREADS, 1)
+    assert spec[2]["off_x"] == I.ring_layout(4, 12, 256, 7168 * 2, 8, 0).x
+    assert spec[2]["unroll"] == I.TUNING["unroll"]
+    assert I.notify_spec(4, 12, 64)[2]["num_local_experts"] == 64
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "gpu"))
+    import workers_intranode as W
+
+    for R in (1, 2, 4, 8):
+        specs = W.kernel_specs(R)
+        names = {f.__name__ for f, _, _ in specs}
+        assert names == {"make_barrier_kernel", "make_layout_kernel", "make_notify_dispatch",
+                         "make_cached_notify", "make_dispatch", "make_combine"}, names
+        assert all(kw["num_ranks"] == R for _, _, kw in specs)
+        assert len(specs) == len({repr(s) for s in specs})

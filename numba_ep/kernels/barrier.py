@@ -80,7 +80,8 @@ def barrier(buffer, rank, num_ranks, stream=None, timeout_s=None, check=True):
     if not 1 <= num_ranks <= MAX_RANKS:
         raise ValueError(f"num_ranks: expected 1..{MAX_RANKS}, got {num_ranks}")
     rec = error_record()
-    k = get_kernel(make_barrier_kernel, BARRIER_SIG, num_ranks=num_ranks)
+    factory, sig, constants = barrier_spec(num_ranks)
+    k = get_kernel(factory, sig, **constants)
     k.launch(1, 32, int(buffer.signal_ptrs_dev.data.ptr), rank, timeout_ns(timeout_s),
              rec.device_address, stream=stream)
     if check:
@@ -88,3 +89,8 @@ def barrier(buffer, rank, num_ranks, stream=None, timeout_s=None, check=True):
 
         cupy.cuda.runtime.streamSynchronize(stream_handle(stream))
         rec.check()
+
+
+def barrier_spec(num_ranks):
+    """``(factory, signature, constants)`` of the barrier kernel for ``num_ranks`` ranks."""
+    return (make_barrier_kernel, BARRIER_SIG, dict(num_ranks=num_ranks))

@@ -757,6 +757,59 @@ def make_combine(num_ranks, num_channels, num_recv_slots, row16, num_topk, off_t
 
 
 # ---------------------------------------------------------------------------------------------
+# Kernel specifications: the one place that turns sizes into compile-time constants. Launchers
+# compile through these; so do tools that compile ahead of time (tests/gpu/parallel_compile.py).
+# Each is ``(factory, signature, get_kernel keywords)``. dispatch and combine read TUNING on every
+# call (bench sweeps change it at run time), so they are not memoised.
+# ---------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=256)
+def notify_spec(num_ranks, num_channels, num_local_experts):
+    """notify_dispatch for R ranks, C channels, L experts per rank."""
+    lay = ring_layout(num_ranks, num_channels, MIN_RECV_SLOTS, 16, 0, 0)  # header only
+    return (make_notify_dispatch, NOTIFY_SIG,
+            dict(num_ranks=num_ranks, num_channels=num_channels,
+                 num_local_experts=num_local_experts, off_rank_counts=lay.rank_counts,
+                 off_chan_counts=lay.chan_counts, off_expert_counts=lay.expert_counts,
+                 off_tail=lay.tail, off_head=lay.head))
+
+
+@functools.lru_cache(maxsize=256)
+def cached_notify_spec(num_ranks, num_channels):
+    """The barrier + ring reset before a cached dispatch or a combine."""
+    lay = ring_layout(num_ranks, num_channels, MIN_RECV_SLOTS, 16, 0, 0)  # header only
+    return (make_cached_notify, CACHED_SIG,
+            dict(num_ranks=num_ranks, num_channels=num_channels, off_tail=lay.tail))
+
+
+def dispatch_spec(num_ranks, num_channels, num_recv_slots, row_bytes, num_topk, num_scales,
+                  num_local_experts):
+    """dispatch of ``row_bytes``-byte rows (K = 0 and no top-k for a cached dispatch)."""
+    lay = ring_layout(num_ranks, num_channels, num_recv_slots, row_bytes, num_topk, num_scales)
+    return (make_dispatch, DISPATCH_SIG,
+            dict(launch_bounds=(THREADS, 1), num_ranks=num_ranks, num_channels=num_channels,
+                 num_recv_slots=num_recv_slots, row16=row_bytes // 16, num_topk=num_topk,
+                 num_scales=num_scales, num_local_experts=num_local_experts,
+                 **lay.constants(), **TUNING))
+
+
+def combine_spec(num_ranks, num_channels, num_recv_slots, row_bytes, num_topk):
+    """combine of ``row_bytes``-byte BF16 rows with ``num_topk`` weights (0: none)."""
+    lay = ring_layout(num_ranks, num_channels, num_recv_slots, row_bytes, num_topk, 0)
+    return (make_combine, COMBINE_SIG,
+            dict(launch_bounds=(THREADS, 1), num_ranks=num_ranks, num_channels=num_channels,
+                 num_recv_slots=num_recv_slots, row16=row_bytes // 16, num_topk=num_topk,
+                 **lay.constants(), **TUNING))
+
+
+def _get(spec):
+    from numba_ep.launch import get_kernel
+
+    factory, sig, kwargs = spec
+    return get_kernel(factory, sig, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
 
@@ -807,21 +860,15 @@ def notify_dispatch(ctx, num_tokens_per_rank, is_token_in_rank, num_tokens_per_e
     host counters that ``wait_recv_counts`` reads."""
     import cupy
 
-    from numba_ep.launch import get_kernel
-
     R, C = ctx.num_ranks, num_channels
     L = num_experts // R
     if L > MAX_LOCAL_EXPERTS:
         raise ValueError(f"num_experts: at most {MAX_LOCAL_EXPERTS} experts per rank, got {L}")
-    lay = ring_layout(R, C, MIN_RECV_SLOTS, 16, 0, 0)  # header offsets do not depend on the rings
     rank_prefix = cupy.empty((R, R), dtype=np.int32)
     chan_prefix = cupy.empty((R, C), dtype=np.int32)
     recv_chan_prefix = cupy.empty((R, C), dtype=np.int32)
     ctx.counters[: 1 + L] = -1
-    k = get_kernel(make_notify_dispatch, NOTIFY_SIG, num_ranks=R, num_channels=C,
-                   num_local_experts=L, off_rank_counts=lay.rank_counts,
-                   off_chan_counts=lay.chan_counts, off_expert_counts=lay.expert_counts,
-                   off_tail=lay.tail, off_head=lay.head)
+    k = _get(notify_spec(R, C, L))
     k.launch(1, NOTIFY_THREADS, ctx.bufs, ctx.signals, ctx.rank, _addr(num_tokens_per_rank),
              _addr(is_token_in_rank), _addr(num_tokens_per_expert), is_token_in_rank.shape[0],
              expert_alignment, _addr(rank_prefix), _addr(chan_prefix), _addr(recv_chan_prefix),
@@ -859,11 +906,7 @@ def wait_recv_counts(ctx, num_local_experts):
 
 def cached_notify(ctx, num_channels, stream):
     """Enqueue the barrier + ring-counter reset that precedes a cached dispatch or a combine."""
-    from numba_ep.launch import get_kernel
-
-    lay = ring_layout(ctx.num_ranks, num_channels, MIN_RECV_SLOTS, 16, 0, 0)
-    k = get_kernel(make_cached_notify, CACHED_SIG, num_ranks=ctx.num_ranks,
-                   num_channels=num_channels, off_tail=lay.tail)
+    k = _get(cached_notify_spec(ctx.num_ranks, num_channels))
     k.launch(1, 128, ctx.bufs, ctx.signals, ctx.rank, ctx.timeout_ns, ctx.errors.device_address,
              stream=stream)
 
@@ -882,22 +925,17 @@ def dispatch(ctx, x_bytes, x_scales, topk_idx, topk_weights, is_token_in_rank,
     [T, S] with any strides or None; ``topk_idx`` int64 / ``topk_weights`` float32 [T, K] or None;
     ``recv_*`` outputs as in ``Buffer.dispatch``; ``send_head`` int32 [T, R] or None (cached).
     """
-    from numba_ep.launch import get_kernel
-
     R, C = ctx.num_ranks, num_channels
     T = x_bytes.shape[0]
     row = _row_bytes(x_bytes)
     K = 0 if topk_idx is None else topk_idx.shape[1]
     S = 0 if x_scales is None else x_scales.shape[1]
-    lay = ctx.layout(C, num_recv_slots, row, K, S)
+    ctx.layout(C, num_recv_slots, row, K, S)  # checks that the rings fit the buffer
     if x_scales is not None:
         s0, s1 = (st // 4 for st in x_scales.strides)
     else:
         s0 = s1 = 0
-    k = get_kernel(make_dispatch, DISPATCH_SIG, launch_bounds=(THREADS, 1), num_ranks=R,
-                   num_channels=C,
-                   num_recv_slots=num_recv_slots, row16=row // 16, num_topk=K, num_scales=S,
-                   num_local_experts=num_experts // R, **lay.constants(), **TUNING)
+    k = _get(dispatch_spec(R, C, num_recv_slots, row, K, S, num_experts // R))
     k.launch(2 * C, THREADS, ctx.bufs, ctx.rank, T, _addr(x_bytes), _addr(x_scales), s0, s1,
              _addr(topk_idx), _addr(topk_weights), _addr(is_token_in_rank),
              _addr(channel_prefix_matrix), _addr(rank_prefix_matrix),
@@ -916,8 +954,6 @@ def combine(ctx, x_bf16, topk_weights, bias0, bias1, recv_src_idx, rank_prefix_m
     ``x_bf16`` [N, H] and ``out`` [T, H] are uint16 views of bf16 data; ``topk_weights`` float32
     [N, K] or None; biases uint16 [T, H] or None; the rest comes from the dispatch handle.
     """
-    from numba_ep.launch import get_kernel
-
     if num_recv_slots < MIN_RECV_SLOTS:
         raise ValueError(f"config: num_max_nvl_chunked_recv_tokens must be >= {MIN_RECV_SLOTS} "
                          f"for combine, got {num_recv_slots}")
@@ -925,11 +961,8 @@ def combine(ctx, x_bf16, topk_weights, bias0, bias1, recv_src_idx, rank_prefix_m
     T = out.shape[0]
     row = _row_bytes(x_bf16)
     K = 0 if topk_weights is None else topk_weights.shape[1]
-    lay = ctx.layout(C, num_recv_slots, row, K, 0)
-    k = get_kernel(make_combine, COMBINE_SIG, launch_bounds=(THREADS, 1), num_ranks=R,
-                   num_channels=C,
-                   num_recv_slots=num_recv_slots, row16=row // 16, num_topk=K, **lay.constants(),
-                   **TUNING)
+    ctx.layout(C, num_recv_slots, row, K, 0)  # checks that the rings fit the buffer
+    k = _get(combine_spec(R, C, num_recv_slots, row, K))
     k.launch(2 * C, THREADS, ctx.bufs, ctx.rank, T, _addr(x_bf16), _addr(topk_weights),
              _addr(bias0), _addr(bias1), _addr(rank_prefix_matrix),
              _addr(recv_channel_prefix_matrix), _addr(send_head), _addr(out),

@@ -189,8 +189,8 @@ def get_dispatch_layout(topk_idx, num_experts, num_ranks, num_gpus_per_node=None
             if a.shape != shape or a.dtype != dt or not a.flags.c_contiguous:
                 raise ValueError(f"out: {name} must be a contiguous {np.dtype(dt)} array of shape "
                                  f"{shape}, got {a.dtype} {a.shape}")
-    kernel = get_kernel(make_layout_kernel, LAYOUT_SIG, num_experts=num_experts,
-                        num_ranks=num_ranks, num_topk=K, gpus_per_node=G)
+    factory, sig, constants = layout_spec(num_experts, num_ranks, K, G)
+    kernel = get_kernel(factory, sig, **constants)
     blocks = max(1, (T + THREADS - 1) // THREADS)
     ws, done = _workspace(xp, blocks, num_experts + num_ranks + nodes)
     if SIMULATOR and xp is not np:
@@ -213,3 +213,10 @@ def check_topk_idx(topk_idx, num_experts, num_ranks):
     if num_experts <= 0 or num_ranks <= 0 or num_experts % num_ranks:
         raise ValueError(f"num_experts: expected a positive multiple of num_ranks={num_ranks}, "
                          f"got {num_experts}")
+
+
+def layout_spec(num_experts, num_ranks, num_topk, gpus_per_node):
+    """``(factory, signature, constants)`` of the layout kernel for these sizes (for launching and
+    for compiling ahead of time)."""
+    return (make_layout_kernel, LAYOUT_SIG, dict(num_experts=num_experts, num_ranks=num_ranks,
+                                                 num_topk=num_topk, gpus_per_node=gpus_per_node))

@@ -9,14 +9,14 @@ from concurrent.futures import ProcessPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def compile_for(worker_module, gpus):
-    """Compile ``worker_module.kernel_specs(n)`` for 1 and (if present) 2 ranks through
+def compile_for(worker_module, rank_counts):
+    """Compile ``worker_module.kernel_specs(n)`` for every n in ``rank_counts`` through
     ``worker_module.compile_spec``; returns what compile_spec returned, in order."""
     sys.path.insert(0, HERE)
     w = importlib.import_module(worker_module)
     specs = []
-    for n in sorted({1, min(gpus, 2)}):
+    for n in rank_counts:
         specs += w.kernel_specs(n)
-    workers = max(1, min(8, (os.cpu_count() or 2) // 2, len(specs)))
+    workers = max(1, min(16, (os.cpu_count() or 2) // 2, len(specs)))
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         return list(pool.map(w.compile_spec, specs))

@@ -24,6 +24,7 @@ import pytest
 
 import numba_ep  # noqa: F401  (NumPy shim first)
 from numba_ep.group import gpu_count  # noqa: E402
+from rank_counts import ep_params, runnable_rank_counts  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKERS = os.path.join(HERE, "workers_buffer_ll.py")
@@ -40,7 +41,7 @@ def compiled():
         pytest.skip(f"needs a CUDA GPU (found {GPUS})")
     from parallel_compile import compile_for
 
-    return compile_for("workers_buffer_ll", GPUS)
+    return compile_for("workers_buffer_ll", runnable_rank_counts())
 
 
 def _check(report, with_timeout):
@@ -55,19 +56,15 @@ def _check(report, with_timeout):
     return None
 
 
-@pytest.mark.gpu
-def test_buffer_low_latency_ep1(ranks, compiled):
-    (report,) = ranks(f"{WORKERS}:buffer_ll_suite", 1, timeout=300, group_timeout=200)
-    _check(report, False)
-
-
-@pytest.mark.gpu
-@pytest.mark.multigpu
-def test_buffer_low_latency_ep2(ranks, compiled):
-    reports = ranks(f"{WORKERS}:buffer_ll_suite", 2, True, timeout=300, group_timeout=200)
-    seen0 = _check(reports[0], True)
-    seen1 = _check(reports[1], True)
-    assert seen1 == [], "rank 1 sat out the timed-out dispatch"
-    assert len(seen0) == 2
-    assert "rank 0 waited" in seen0[0] and "for rank 1" in seen0[0], seen0[0]
-    assert "unusable" in seen0[1], seen0[1]
+@pytest.mark.parametrize("nranks", ep_params())
+def test_buffer_low_latency(ranks, compiled, nranks):
+    with_timeout = nranks == 2  # the timeout round needs a peer; one size is enough
+    reports = ranks(f"{WORKERS}:buffer_ll_suite", nranks, with_timeout, timeout=300,
+                    group_timeout=200)
+    assert len(reports) == nranks
+    seen = [_check(r, with_timeout) for r in reports]
+    if with_timeout:
+        assert seen[1] == [], "rank 1 sat out the timed-out dispatch"
+        assert len(seen[0]) == 2
+        assert "rank 0 waited" in seen[0][0] and "for rank 1" in seen[0][0], seen[0][0]
+        assert "unusable" in seen[0][1], seen[0][1]

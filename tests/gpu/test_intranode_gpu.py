@@ -1,7 +1,7 @@
 """numba_ep.Buffer intranode dispatch / combine on GPUs, against numba_ep.reference.
 
-Every test spawns EP1 (one GPU) or EP2 (two GPUs) ranks running functions of
-workers_intranode.py next to this file. Inputs are fresh random every run (the seed is printed in
+Every test spawns EP1, EP2, EP4 or EP8 ranks (one per GPU; counts above this host's GPUs skip)
+running functions of workers_intranode.py next to this file. Inputs are fresh random every run (the seed is printed in
 any failure): dispatch must equal the reference bit for bit (recv_x, scales, top-k ids and weights,
 source indices, handle matrices, per-expert counts), combine must be within one BF16 rounding of
 the float32 reference and pass DeepEP's calc_diff bounds (5e-6 data, 1e-9 weights).
@@ -22,6 +22,7 @@ import secrets
 import pytest
 
 import numba_ep  # noqa: F401  (NumPy shim first)
+from rank_counts import GPUS, ep_params, runnable_rank_counts
 
 WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers_intranode.py")
 SUITES = ("bf16", "fp8", "edge")
@@ -37,14 +38,21 @@ def _seed():
     return seed
 
 
-def _ep(n):
-    marks = [pytest.mark.gpu] + ([pytest.mark.multigpu] if n > 1 else [])
-    return pytest.param(n, marks=marks, id=f"EP{n}")
+@pytest.fixture(scope="module")
+def compiled():
+    """Compile every kernel the suites launch, for every rank count this host runs, in parallel
+    processes into the disk cache, so the ranks load cubins instead of compiling ~25 kernels
+    one after another each."""
+    if GPUS < 1:
+        pytest.skip(f"needs a CUDA GPU (found {GPUS})")
+    from parallel_compile import compile_for
+
+    return compile_for("workers_intranode", runnable_rank_counts())
 
 
 @pytest.mark.parametrize("suite", SUITES)
-@pytest.mark.parametrize("nranks", [_ep(1), _ep(2)])
-def test_dispatch_combine(ranks, nranks, suite):
+@pytest.mark.parametrize("nranks", ep_params())
+def test_dispatch_combine(ranks, compiled, nranks, suite):
     seed = _seed()
     results = ranks(_target("run_suite"), nranks, suite, seed, timeout=300, group_timeout=200)
     assert len(results) == nranks
@@ -55,8 +63,8 @@ def test_dispatch_combine(ranks, nranks, suite):
     assert any(isinstance(n, int) and n > 0 for r in results for _, n in r), results
 
 
-@pytest.mark.parametrize("nranks", [_ep(1), _ep(2)])
-def test_cuda_graph_capture_and_replay(ranks, nranks):
+@pytest.mark.parametrize("nranks", ep_params())
+def test_cuda_graph_capture_and_replay(ranks, compiled, nranks):
     seed = _seed()
     results = ranks(_target("graph_capture"), nranks, seed, timeout=300, group_timeout=200)
     for seen in results:

@@ -30,13 +30,13 @@ import pytest
 
 import numba_ep  # noqa: F401  (NumPy shim first)
 from numba_ep.group import gpu_count  # noqa: E402
+from rank_counts import ep_params, runnable_rank_counts  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKERS = os.path.join(HERE, "workers_low_latency.py")
 
 
 GPUS = gpu_count()
-needs_1 = pytest.mark.skipif(GPUS < 1, reason=f"needs a CUDA GPU (found {GPUS})")
 needs_2 = pytest.mark.skipif(GPUS < 2, reason=f"needs 2 CUDA GPUs in this host (found {GPUS})")
 
 
@@ -51,61 +51,37 @@ def compiled():
         pytest.skip(f"needs a CUDA GPU (found {GPUS})")
     from parallel_compile import compile_for
 
-    return compile_for("workers_low_latency", GPUS)
+    return compile_for("workers_low_latency", runnable_rank_counts())
 
 
 def _run(ranks, name, nranks, *args):
     return ranks(f"{WORKERS}:{name}", nranks, *args, timeout=600, group_timeout=300)
 
 
-@pytest.mark.gpu
-@needs_1
-def test_matrix_ep1(ranks, compiled):
-    (report,) = _run(ranks, "ll_matrix", 1)
-    assert len(report) == 11
-
-
-@pytest.mark.gpu
-@pytest.mark.multigpu
-@needs_2
-def test_matrix_ep2(ranks, compiled):
-    reports = _run(ranks, "ll_matrix", 2)
+@pytest.mark.parametrize("nranks", ep_params())
+def test_matrix(ranks, compiled, nranks):
+    reports = _run(ranks, "ll_matrix", nranks)
+    assert len(reports) == nranks
     for report in reports:
         assert len(report) == 11
-        wire = [info for _, info in report if "wire_rows" in info]
-        assert wire and all(i["wire_rows"] > 0 for i in wire)
-        assert sum(i["wire_encoded_divisions"] for i in wire) > 0, "no division was encoded"
+        if nranks > 1:
+            wire = [info for _, info in report if "wire_rows" in info]
+            assert wire and all(i["wire_rows"] > 0 for i in wire)
+            assert sum(i["wire_encoded_divisions"] for i in wire) > 0, "no division was encoded"
 
 
-@pytest.mark.gpu
-@needs_1
-def test_repeat_ep1(ranks, compiled):
-    (res,) = _run(ranks, "ll_repeat", 1, 40)
-    assert res["iterations"] == 40
+@pytest.mark.parametrize("nranks", ep_params())
+def test_repeat(ranks, compiled, nranks):
+    iterations = 40 if nranks == 1 else 100
+    res = _run(ranks, "ll_repeat", nranks, iterations)
+    assert [r["iterations"] for r in res] == [iterations] * nranks
+    assert len({r["half"] for r in res}) == 1, "every rank ends on the same buffer half"
 
 
-@pytest.mark.gpu
-@pytest.mark.multigpu
-@needs_2
-def test_repeat_100_ep2(ranks, compiled):
-    res = _run(ranks, "ll_repeat", 2, 100)
-    assert [r["iterations"] for r in res] == [100, 100]
-    assert res[0]["half"] == res[1]["half"]
-
-
-@pytest.mark.gpu
-@needs_1
-def test_cuda_graph_ep1(ranks, compiled):
-    (res,) = _run(ranks, "ll_graph", 1)
-    assert res["replays"] == 3
-
-
-@pytest.mark.gpu
-@pytest.mark.multigpu
-@needs_2
-def test_cuda_graph_ep2(ranks, compiled):
-    res = _run(ranks, "ll_graph", 2)
-    assert all(r["replays"] == 3 for r in res)
+@pytest.mark.parametrize("nranks", ep_params())
+def test_cuda_graph(ranks, compiled, nranks):
+    res = _run(ranks, "ll_graph", nranks)
+    assert [r["replays"] for r in res] == [3] * nranks
 
 
 @pytest.mark.gpu

@@ -67,6 +67,9 @@ SUITES = {
 }
 
 
+GRAPH_CASE = Case("graph", (96, 80), 2048, topk=4)
+
+
 def _torch_ok():
     try:
         import torch
@@ -74,6 +77,60 @@ def _torch_ok():
         return torch.cuda.is_available()
     except Exception:
         return False
+
+
+# ------------------------------------------------------------------------------------ compilation
+
+def _configs(case, R):
+    from numba_ep.buffer import Buffer
+    from numba_ep.config import Config
+
+    if case.small_ring:
+        return Config(8, 6, 64), Config(8, 4, 64)
+    return Buffer.get_dispatch_config(R), Buffer.get_combine_config(R)
+
+
+def kernel_specs(nranks):
+    """Every (factory, signature, get_kernel keywords) that the suites and the graph test launch
+    with ``nranks`` ranks, so tests/gpu/parallel_compile.py can build them all before the ranks
+    start (one kernel is ~5 s of NVRTC; the suites need ~25 per rank count). The specs come from
+    the same functions the launchers use; a spec missed here is only compiled later, by a rank."""
+    from numba_ep.kernels import barrier, intranode as I, layout
+
+    R = nranks
+    specs = [barrier.barrier_spec(R)]
+    for case in [c for cases in SUITES.values() for c in cases] + [GRAPH_CASE]:
+        dcfg, ccfg = _configs(case, R)
+        L, K, H = case.experts_per_rank, case.topk, case.hidden
+        S = H // 128 if case.fp8 else 0
+        row = H if case.fp8 else 2 * H
+        specs.append(layout.layout_spec(L * R, R, K if K else 4, R))
+        for cfg in (dcfg, ccfg):
+            specs.append(I.cached_notify_spec(R, cfg.num_channels))
+        specs.append(I.notify_spec(R, dcfg.num_channels, L))
+        n = dcfg.num_max_nvl_chunked_recv_tokens
+        specs.append(I.dispatch_spec(R, dcfg.num_channels, n, row, K, S, L))
+        specs.append(I.dispatch_spec(R, dcfg.num_channels, n, row, 0, S, L))  # cached
+        n = ccfg.num_max_nvl_chunked_recv_tokens
+        specs.append(I.combine_spec(R, ccfg.num_channels, n, 2 * H, K))
+        if case.deepep_check:
+            specs.append(I.combine_spec(R, ccfg.num_channels, n, 2 * H, 0))
+    unique = {}
+    for f, sig, kw in specs:
+        unique.setdefault((f.__name__, sig, tuple(sorted(kw.items()))), (f, sig, kw))
+    return list(unique.values())
+
+
+def compile_spec(spec):
+    """Compile (or load from the disk cache) one kernel on this process's GPU."""
+    from cuda.core import Device
+
+    from numba_ep.launch import get_kernel
+
+    Device(0).set_current()
+    factory, sig, kwargs = spec
+    get_kernel(factory, sig, **kwargs)
+    return factory.__name__
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -240,18 +297,12 @@ def _wait(case, event):
 
 
 def run_case(group, buf, case, seed, idx):
-    from numba_ep.buffer import Buffer
-    from numba_ep.config import Config
-
     R, rank = group.size, group.rank
     kind = Kind(case.kind, buf.device)
     inputs = [make_inputs(case, seed, idx, r, R) for r in range(R)]
     mine = inputs[rank]
     E, T, H = mine["E"], mine["T"], case.hidden
-    if case.small_ring:
-        dcfg, ccfg = Config(8, 6, 64), Config(8, 4, 64)
-    else:
-        dcfg, ccfg = Buffer.get_dispatch_config(R), Buffer.get_combine_config(R)
+    dcfg, ccfg = _configs(case, R)
     C = dcfg.num_sms // 2
     worst = max(case.tokens) * R if case.worst else 0
 
@@ -434,7 +485,7 @@ def graph_capture(group, seed, replays=3):
     from numba_ep.kernels.waits import error_record
 
     R, rank = group.size, group.rank
-    case = Case("graph", (96, 80), 2048, topk=4)
+    case = GRAPH_CASE
     T, H, K = num_tokens(case, rank), case.hidden, case.topk
     E = case.experts_per_rank * R
     worst = max(case.tokens) * R

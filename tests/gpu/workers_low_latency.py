@@ -25,7 +25,7 @@ import numba_ep  # noqa: F401  (NumPy shim before numba.cuda)
 # multiple of 512 (the 4-byte path) and only 4 blocks per grid (grid-stride loops everywhere).
 SHAPES = {
     "A": dict(M=128, H=7168, E=288, K=8, num_sms=None),
-    "B": dict(M=48, H=640, E=12, K=5, num_sms=4),
+    "B": dict(M=48, H=640, E=24, K=5, num_sms=4),   # E divides by 1, 2, 3, 4, 6 and 8 ranks
 }
 
 # (shape, tokens (None = M), masked slots, use_fp8, round_scale, use_ue8m0, use_logfmt,
