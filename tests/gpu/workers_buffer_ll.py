@@ -102,10 +102,13 @@ def normal_round(buf, group, seed=11, T=48, H=2048, K=4, E=16):
     cupy.cuda.get_current_stream().synchronize()
     copies = cupy.asnumpy(in_rank).sum(axis=1)
     sel = copies > 0
-    got = W._bf16(cupy.asnumpy(combined)).astype(np.float64)[sel]
-    want = W._bf16(bits).astype(np.float64)[sel] * copies[sel, None]
-    diff = ref.calc_diff(got, want)
-    assert diff < 1e-6, f"normal combine calc_diff {diff}"
+    got = W._bf16(cupy.asnumpy(combined))[sel]
+    # c identical bf16 values (c <= 8) add up exactly in fp32, so the result is x * c rounded to
+    # bf16 once: bit-exact, and within DeepEP's calc_diff bound (5e-6) of the exact product.
+    exact = W._bf16(bits).astype(np.float32)[sel] * copies[sel, None].astype(np.float32)
+    np.testing.assert_array_equal(got, exact.astype(ref.bfloat16), err_msg="normal combine")
+    diff = ref.calc_diff(got.astype(np.float64), exact.astype(np.float64))
+    assert diff < 5e-6, f"normal combine calc_diff {diff}"
     return int(recv_x.shape[0])
 
 

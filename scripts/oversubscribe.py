@@ -1,0 +1,44 @@
+"""Run intranode code paths at more ranks than this host has GPUs (rank r on GPU r % count):
+the kernel-level round trip and Buffer suites of tests/gpu at N ranks, checked against
+numba_ep.reference as in the GPU tests. Ranks sharing a GPU are time-sliced by the driver, so
+this is a correctness run of the N-rank code paths (ring indexing, peer groups, barriers), never
+a timing. Usage, on a GPU machine:  python scripts/oversubscribe.py 8 [suite ...]
+"""
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests", "gpu"))
+
+import numba_ep  # noqa: E402,F401
+from numba_ep.group import gpu_count, spawn  # noqa: E402
+
+
+def main(argv):
+    n = int(argv[0]) if argv else 8
+    suites = argv[1:] or ["edge", "bf16", "fp8"]
+    import workers_intranode as W
+    from workers_intranode_kernels import dispatch_combine_round_trip
+
+    print(f"{n} ranks on {gpu_count()} GPUs")
+    ok = True
+    runs = [("round trip mixed 2048", dispatch_combine_round_trip,
+             ([512, 0, 300, 1, 77, 256, 5, 129][:n], 2048, 8 * n, 8, 4, 64)),
+            ("round trip 1024 x 7168", dispatch_combine_round_trip, (1024, 7168, 256, 8, 12, 256))]
+    runs += [(f"Buffer suite {s}", f"{W.__file__}:run_suite", (s, 1234)) for s in suites]
+    for name, fn, args in runs:
+        t0 = time.monotonic()
+        try:
+            res = spawn(fn, n, *args, timeout=400, group_timeout=300)
+            print(f"PASS {name} ({time.monotonic() - t0:.0f} s): {res[0] if res else ''}",
+                  flush=True)
+        except Exception as e:  # report and go on: each run is independent
+            ok = False
+            print(f"FAIL {name} ({time.monotonic() - t0:.0f} s): {type(e).__name__}: "
+                  f"{str(e)[:3000]}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
