@@ -3,6 +3,7 @@ the kernel-level round trip and Buffer suites of tests/gpu at N ranks, checked a
 numba_ep.reference as in the GPU tests. Ranks sharing a GPU are time-sliced by the driver, so
 this is a correctness run of the N-rank code paths (ring indexing, peer groups, barriers), never
 a timing. Usage, on a GPU machine:  python scripts/oversubscribe.py 8 [suite ...]
+(suites: edge, bf16, fp8 of tests/gpu/workers_intranode.py, and ll, the low-latency matrix).
 """
 import os
 import sys
@@ -26,7 +27,13 @@ def main(argv):
     runs = [("round trip mixed 2048", dispatch_combine_round_trip,
              ([512, 0, 300, 1, 77, 256, 5, 129][:n], 2048, 8 * n, 8, 4, 64)),
             ("round trip 1024 x 7168", dispatch_combine_round_trip, (1024, 7168, 256, 8, 12, 256))]
-    runs += [(f"Buffer suite {s}", f"{W.__file__}:run_suite", (s, 1234)) for s in suites]
+    for s in suites:
+        if s == "ll":  # the low-latency matrix (NVSHMEM with two PEs on a GPU)
+            import workers_low_latency as LL
+
+            runs.append(("low-latency matrix", f"{LL.__file__}:ll_matrix", ()))
+        else:
+            runs.append((f"Buffer suite {s}", f"{W.__file__}:run_suite", (s, 1234)))
     for name, fn, args in runs:
         t0 = time.monotonic()
         try:

@@ -346,9 +346,13 @@ def one_round(env, name, seed, T=None, masked=0, use_fp8=True, round_scale=False
         hk()
     st.synchronize()
     ctx.check()
+    # Each entry sums the waits of every (block, source) pair for that source; no single wait
+    # outlasts the timeout (it would have raised), so no entry exceeds blocks x timeout. Ranks
+    # that share a GPU (scripts/oversubscribe.py) wait whole time slices, hence no tighter bound.
+    bound = max(ctx._num_sms, ctx.num_local_experts) * ctx.timeout_ns
     for what, arr in (("dispatch", wait_d), ("combine", wait_c)):
         ns = cupy.asnumpy(arr) - 7
-        assert ((ns >= 0) & (ns < 10 * 10**9)).all(), f"{what} wait-cost stats {ns}"
+        assert ((ns >= 0) & (ns <= bound)).all(), f"{what} wait-cost stats {ns} (bound {bound})"
     if use_out:
         assert out is out_arr
     got_out = cupy.asnumpy(out).view(np.uint16)
