@@ -51,6 +51,8 @@ def _check(report, with_timeout):
     assert len(rounds) == 6 and all(r["combine_diff"] < 1e-5 for r in rounds)
     assert sum(r["received"] for r in rounds) > 0
     assert "clean_low_latency_buffer" in steps["needs-clean"]
+    graph = steps["graph"]
+    assert graph["replays"] == 3 and len(graph["diffs"]) == 4  # eager run + 3 replays
     if with_timeout:
         return steps["timeout"]
     return None

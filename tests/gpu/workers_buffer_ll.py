@@ -12,10 +12,12 @@ One Buffer per rank with both an NVLink buffer and an NVSHMEM buffer
    (and end to end vs x * sum of the weights), in CuPy arrays on a non-default stream;
    receive hooks, zero-copy through ``get_next_low_latency_combine_buffer``, ``out=``,
    ``async_finish``, FP8 (plain, UE8M0) and BF16;
-3. a call with a new shape but no clean: ValueError on every rank, nothing launched;
-4. torch tensors in and out (if torch with CUDA is importable): FP8 dispatch, zero-copy combine
+3. dispatch -> combine captured in a CUDA graph and replayed 3 times with new tokens, each
+   replay checked (dispatch exact, combine vs x * sum of the weights);
+4. a call with a new shape but no clean: ValueError on every rank, nothing launched;
+5. torch tensors in and out (if torch with CUDA is importable): FP8 dispatch, zero-copy combine
    into a torch ``out``;
-5. (``with_timeout``, EP2) rank 1 sits out one dispatch: rank 0 gets CommTimeoutError naming
+6. (``with_timeout``, EP2) rank 1 sits out one dispatch: rank 0 gets CommTimeoutError naming
    rank 1, then RuntimeError (the Buffer is unusable); both ranks still destroy it.
 
 The "expert" is dequantisation (workers_low_latency.expert). Helpers come from
@@ -285,6 +287,73 @@ def torch_round(buf, group, seed=77, name="D"):
     return {"combine_diff": diff}
 
 
+def graph_round(buf, group, stream, name="D", replays=3):
+    """Buffer.low_latency_dispatch (BF16) -> low_latency_combine of the received rows, captured
+    once in a CUDA graph on ``stream`` and replayed with new tokens copied into the captured
+    inputs. Each replay: dispatch equal to the reference, combine = x * sum of valid weights.
+    Two calls flip the buffer half twice, so the graph can be replayed any number of times."""
+    import cupy
+
+    from numba_ep import reference as ref
+
+    rank = group.rank
+    s = SHAPES[name]
+    M, H, E, K = s["M"], s["H"], s["E"], s["K"]
+    with stream:
+        x_d = cupy.empty((M, H), cupy.uint16)
+        topk_d = cupy.empty((M, K), cupy.int64)
+        w_d = cupy.empty((M, K), cupy.float32)
+
+    def load(step):
+        bits, topk, w = W.make_inputs(np.random.default_rng([step, rank, 99]), M, H, K, E, 6)
+        with stream:
+            x_d[...] = cupy.asarray(bits)
+            topk_d[...] = cupy.asarray(topk)
+            w_d[...] = cupy.asarray(w)
+        stream.synchronize()
+        return bits, topk, w
+
+    def calls():
+        recv_x, count, handle, _, _ = buf.low_latency_dispatch(x_d, topk_d, M, E, use_fp8=False)
+        combined, _, _ = buf.low_latency_combine(recv_x, topk_d, w_d, handle)
+        return recv_x, count, handle, combined
+
+    def check(step, inputs, outs):
+        bits, topk, w = inputs
+        recv_x, count, handle, combined = outs
+        xs, topks = W._gather(group, bits), W._gather(group, topk)
+        got, _, _ = W.fetch_dispatch((recv_x, None, count, handle[0], handle[1], None))
+        want = ref.low_latency_dispatch([W._bf16(b) for b in xs], topks, M, E,
+                                        use_fp8=False)[rank]
+        ref.check_low_latency_dispatch(got, want)
+        got_f = W._bf16(cupy.asnumpy(combined)).astype(np.float64)
+        wsum = np.where(topk >= 0, w, 0).astype(np.float64).sum(axis=1, keepdims=True)
+        d = ref.calc_diff(got_f, W._bf16(bits).astype(np.float64) * wsum)
+        assert d < 1e-5, f"graph step {step}: combine calc_diff {d}"
+        return d
+
+    inputs = load(0)
+    group.barrier()
+    with stream:                    # eager first: contexts made, kernels loaded, pool primed
+        outs = calls()
+    stream.synchronize()
+    diffs = [check(0, inputs, outs)]
+    group.barrier()
+    with stream:
+        stream.begin_capture()
+        outs = calls()
+        graph = stream.end_capture()
+    for step in range(1, replays + 1):
+        inputs = load(step)
+        group.barrier()             # every rank's inputs are in place
+        graph.launch(stream)
+        stream.synchronize()
+        buf._ll_ctxs[buf._ll_active].check()
+        diffs.append(check(step, inputs, outs))
+        group.barrier()             # every rank has read its outputs before the next replay
+    return {"replays": replays, "diffs": diffs}
+
+
 def timeout_round(buf, group, name="D"):
     """Rank 1 sits out a dispatch; rank 0's receive phase gives up after 2 s."""
     import cupy
@@ -314,7 +383,7 @@ def timeout_round(buf, group, name="D"):
 
 
 def buffer_ll_suite(group, with_timeout=False):
-    """Steps 1-5 of the module docstring on one Buffer; returns the per-step reports."""
+    """Steps 1-6 of the module docstring on one Buffer; returns the per-step reports."""
     import cupy
 
     from numba_ep import Buffer
@@ -339,6 +408,8 @@ def buffer_ll_suite(group, with_timeout=False):
             current = name
         report.append((i, ll_round(buf, group, stream, 100 + i, name, T, masked, fp8, rs, ue,
                                    hooks, zc, use_out, af)))
+
+    report.append(("graph", graph_round(buf, group, stream)))
 
     # a new shape without clean_low_latency_buffer: refused before anything is launched
     s = SHAPES["S"]
