@@ -172,11 +172,12 @@ def test_kernel_specs_are_what_the_launchers_compile(monkeypatch):
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "gpu"))
     import workers_intranode as W
+    from parallel_compile import unique_specs
 
     for R in (1, 2, 4, 8):
-        specs = W.kernel_specs(R)
+        specs = unique_specs(W.kernel_specs(R))
         names = {f.__name__ for f, _, _ in specs}
         assert names == {"make_barrier_kernel", "make_layout_kernel", "make_notify_dispatch",
                          "make_cached_notify", "make_dispatch", "make_combine"}, names
         assert all(kw["num_ranks"] == R for _, _, kw in specs)
-        assert len(specs) == len({repr(s) for s in specs})
+        assert len(specs) >= 5 * len(W.SUITES)

@@ -9,14 +9,36 @@ from concurrent.futures import ProcessPoolExecutor
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def compile_spec(spec):
+    """Compile (or load from the disk cache) one ``(factory, signature, get_kernel keywords)``
+    kernel on this process's GPU; returns the factory's name."""
+    from cuda.core import Device
+
+    from numba_ep.launch import get_kernel
+
+    Device(0).set_current()
+    factory, sig, kwargs = spec
+    get_kernel(factory, sig, **kwargs)
+    return factory.__name__
+
+
+def unique_specs(specs):
+    """``specs`` without repeats (same factory, signature and keywords), in order."""
+    unique = {}
+    for f, sig, kw in specs:
+        unique.setdefault((f.__name__, sig, tuple(sorted(kw.items()))), (f, sig, kw))
+    return list(unique.values())
+
+
 def compile_for(worker_module, rank_counts):
-    """Compile ``worker_module.kernel_specs(n)`` for every n in ``rank_counts`` through
-    ``worker_module.compile_spec``; returns what compile_spec returned, in order."""
+    """Compile ``worker_module.kernel_specs(n)`` for every n in ``rank_counts``, in parallel
+    processes; returns the factories' names, in order."""
     sys.path.insert(0, HERE)
     w = importlib.import_module(worker_module)
     specs = []
     for n in rank_counts:
         specs += w.kernel_specs(n)
+    specs = unique_specs(specs)
     workers = max(1, min(16, (os.cpu_count() or 2) // 2, len(specs)))
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        return list(pool.map(w.compile_spec, specs))
+        return list(pool.map(compile_spec, specs))

@@ -92,7 +92,7 @@ def _configs(case, R):
 
 def kernel_specs(nranks):
     """Every (factory, signature, get_kernel keywords) that the suites and the graph test launch
-    with ``nranks`` ranks, so tests/gpu/parallel_compile.py can build them all before the ranks
+    with ``nranks`` ranks (with repeats), so tests/gpu/parallel_compile.py can build them all before the ranks
     start (one kernel is ~5 s of NVRTC; the suites need ~25 per rank count). The specs come from
     the same functions the launchers use; a spec missed here is only compiled later, by a rank."""
     from numba_ep.kernels import barrier, intranode as I, layout
@@ -115,22 +115,7 @@ def kernel_specs(nranks):
         specs.append(I.combine_spec(R, ccfg.num_channels, n, 2 * H, K))
         if case.deepep_check:
             specs.append(I.combine_spec(R, ccfg.num_channels, n, 2 * H, 0))
-    unique = {}
-    for f, sig, kw in specs:
-        unique.setdefault((f.__name__, sig, tuple(sorted(kw.items()))), (f, sig, kw))
-    return list(unique.values())
-
-
-def compile_spec(spec):
-    """Compile (or load from the disk cache) one kernel on this process's GPU."""
-    from cuda.core import Device
-
-    from numba_ep.launch import get_kernel
-
-    Device(0).set_current()
-    factory, sig, kwargs = spec
-    get_kernel(factory, sig, **kwargs)
-    return factory.__name__
+    return specs
 
 
 # ------------------------------------------------------------------------------------------ inputs

@@ -63,7 +63,7 @@ def kernel_specs(nranks):
             lists += ll.dispatch_kernels(ctx, s["K"], fp8, rs, ue)
         for lf, zc in [(False, False), (False, True), (True, False)]:
             lists += ll.combine_kernels(ctx, s["K"], lf, zc)
-    return unique_specs(lists)
+    return lists
 
 
 def spec_context(nranks, shape):
@@ -78,26 +78,6 @@ def spec_context(nranks, shape):
     buf = SimpleNamespace(ptr=1 << 32, peer_ptrs=[(1 << 32) + (r << 36) for r in range(nranks)],
                           nbytes=get_low_latency_rdma_size_hint(M, H, nranks, E))
     return ll.LowLatencyContext(buf, 0, nranks, M, H, E)
-
-
-def unique_specs(lists):
-    """The (factory, signature, constants) triples of ``lists`` without repeats, in order."""
-    specs = {}
-    for f, sig, c in lists:
-        specs.setdefault((f.__name__, tuple(sorted(c.items()))), (f, sig, c))
-    return list(specs.values())
-
-
-def compile_spec(spec):
-    """Compile (or load from the disk cache) one kernel on this process's GPU."""
-    from cuda.core import Device
-
-    from numba_ep.launch import get_kernel
-
-    Device(0).set_current()
-    factory, sig, constants = spec
-    get_kernel(factory, sig, **constants)
-    return factory.__name__
 
 
 # ---------------------------------------------------------------------------------------------
