@@ -95,8 +95,10 @@ above, and keeps one ``LowLatencyContext`` per (M, H, E) shape over its NVSHMEM 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import numbers
+import os
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -549,9 +551,14 @@ class Buffer:
         self.enable_shrink = bool(enable_shrink)
         self.timeout_s = timeout_s
         self._host = False
+        self._cpu = False
+        self._kernels = _device_kernels()
         self._ctx = None
         self._broken = None
         self._init_low_latency_state()
+        if _cpu_backend_selected():
+            self._init_cpu_backend()
+            return
 
         import cupy
 
@@ -609,6 +616,8 @@ class Buffer:
         self.explicitly_destroy = False
         self.timeout_s = _check_timeout(timeout_s)
         self._host = True
+        self._cpu = False
+        self._kernels = _device_kernels()
         self._ctx = None
         self._broken = None
         self.device = None
@@ -619,6 +628,25 @@ class Buffer:
         self._init_low_latency_state()
         self._register()
         return self
+
+    def _init_cpu_backend(self):
+        """No GPU: arrays are NumPy arrays, and the kernels are ``numba_ep.cpu``'s (the NumPy
+        reference over the group's all-gathers). Buffer sizes are still checked as on a GPU."""
+        from types import SimpleNamespace
+
+        from numba_ep import cpu  # noqa: F401  (the package, for its modules below)
+        from numba_ep.cpu import intranode, layout, low_latency
+
+        self._host = True
+        self._cpu = True
+        self._kernels = SimpleNamespace(intranode=intranode, layout=layout,
+                                        low_latency=low_latency)
+        self.device = None
+        self._ipc = SimpleNamespace(nbytes=self.num_nvl_bytes) if self.num_nvl_bytes else None
+        self._sym = SimpleNamespace(nbytes=self.num_rdma_bytes) if self.num_rdma_bytes else None
+        self._comm_stream = None
+        self._device_sms = Buffer.num_sms
+        self._register()
 
     def _init_low_latency_state(self):
         #: LowLatencyContext per (M, hidden, num_experts), created on first use
@@ -656,9 +684,12 @@ class Buffer:
     def capture() -> EventOverlap:
         """An ``EventOverlap`` recorded on the caller's current stream (torch's current stream
         when torch has initialised CUDA in this process, else CuPy's); pass it as
-        ``previous_event``."""
+        ``previous_event``. On the CPU backend (no GPU) calls are synchronous and the event
+        is empty."""
         from numba_ep.interop import current_stream_handle
 
+        if _cpu_backend_selected():
+            return EventOverlap(None)
         torch_side = torch_cuda_active()
         return EventOverlap(record_event(current_stream_handle(torch_side)), torch_side=torch_side)
 
@@ -886,14 +917,16 @@ class Buffer:
     # --------------------------------------------------------------------------- context
 
     def _context(self):
-        from numba_ep.kernels import intranode
-
+        intranode = self._kernels.intranode
         if self._ctx is None:
             if self._ipc is None:
                 raise ValueError("num_nvl_bytes: this Buffer has no NVLink buffer "
                                  "(num_nvl_bytes=0); intranode dispatch/combine need one")
-            self._ctx = intranode.IntranodeContext(self._ipc, self.rank, self.group_size,
-                                                   timeout_s=self.timeout_s)
+            if self._cpu:
+                self._ctx = intranode.IntranodeContext(self.group, timeout_s=self.timeout_s)
+            else:
+                self._ctx = intranode.IntranodeContext(self._ipc, self.rank, self.group_size,
+                                                       timeout_s=self.timeout_s)
         return self._ctx
 
     def _device_scope(self):
@@ -941,8 +974,7 @@ class Buffer:
         async_finish, allocate = self._check_events(previous_event, async_finish,
                                                     allocate_on_comm_stream)
         torch_out = info.kind == "torch"
-        from numba_ep.kernels import layout
-
+        layout = self._kernels.layout
         with self._guard():
             call = _Call(self, torch_out, previous_event, async_finish, allocate)
             with call.on_caller():
@@ -1117,8 +1149,7 @@ class Buffer:
             expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, config=config)
 
     def _run_dispatch(self, p: _DispatchPlan, call: _Call):
-        from numba_ep.kernels import intranode
-
+        intranode = self._kernels.intranode
         xp = _xp(self)
         R, T, C, K, S = self.group_size, p.num_tokens, p.num_channels, p.num_topk, p.num_scales
         slots = p.config.num_max_nvl_chunked_recv_tokens
@@ -1285,8 +1316,7 @@ class Buffer:
                             num_tokens=T, num_topk=K, num_channels=C, config=config)
 
     def _run_combine(self, p: _CombinePlan, call: _Call):
-        from numba_ep.kernels import intranode
-
+        intranode = self._kernels.intranode
         xp = _xp(self)
         T, K, C = p.num_tokens, p.num_topk, p.num_channels
         H = p.x_info.shape[1]
@@ -1333,7 +1363,7 @@ class Buffer:
         self._check_usable(what)
         M, H, E = self._check_ll_shape_args(num_max_dispatch_tokens_per_rank, hidden, num_experts)
         self._check_ll_size(what, M, H, E)
-        from numba_ep.kernels import low_latency as ll
+        ll = self._kernels.low_latency
 
         with self._guard():
             ctx = self._ll_context(M, H, E)
@@ -1387,7 +1417,7 @@ class Buffer:
             x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
             cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
             round_scale, use_ue8m0, async_finish, return_recv_hook)
-        from numba_ep.kernels import low_latency as ll
+        ll = self._kernels.low_latency
 
         with self._guard():
             stream = self._ll_stream(p.torch_out)
@@ -1455,7 +1485,7 @@ class Buffer:
         p = self._validate_ll_combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy,
                                       async_finish, return_recv_hook, out,
                                       combine_wait_recv_cost_stats)
-        from numba_ep.kernels import low_latency as ll
+        ll = self._kernels.low_latency
 
         with self._guard():
             stream = self._ll_stream(p.torch_out)
@@ -1495,7 +1525,7 @@ class Buffer:
         M, H, E, infos = self._check_ll_handle(handle)
         self._check_ll_size(what, M, H, E)
         self._check_ll_sequence(what, M, H, E, hooks=False)
-        from numba_ep.kernels import low_latency as ll
+        ll = self._kernels.low_latency
 
         torch_out = infos[0].kind == "torch"
         with self._guard():
@@ -1681,12 +1711,15 @@ class Buffer:
 
     def _ll_context(self, M, H, E):
         """The LowLatencyContext of shape (M, H, E) over the NVSHMEM buffer (cached)."""
-        from numba_ep.kernels import low_latency as ll
+        ll = self._kernels.low_latency
 
         ctx = self._ll_ctxs.get((M, H, E))
         if ctx is None:
-            ctx = ll.LowLatencyContext(self._sym, self.rank, self.group_size, M, H, E,
-                                       timeout_s=self.timeout_s)
+            if self._cpu:
+                ctx = ll.LowLatencyContext(self.group, M, H, E, timeout_s=self.timeout_s)
+            else:
+                ctx = ll.LowLatencyContext(self._sym, self.rank, self.group_size, M, H, E,
+                                           timeout_s=self.timeout_s)
             self._ll_ctxs[(M, H, E)] = ctx
         return ctx
 
@@ -1721,6 +1754,32 @@ class Buffer:
 # -------------------------------------------------------------------------------------------------
 # small helpers
 # -------------------------------------------------------------------------------------------------
+
+def _device_kernels():
+    """The GPU kernel modules a Buffer calls (tests replace functions in them)."""
+    from types import SimpleNamespace
+
+    from numba_ep.kernels import intranode, layout, low_latency
+
+    return SimpleNamespace(intranode=intranode, layout=layout, low_latency=low_latency)
+
+
+def _cpu_backend_selected() -> bool:
+    """``NUMBA_EP_BACKEND=cpu``, or no CUDA GPU visible (and not ``NUMBA_EP_BACKEND=cuda``)."""
+    choice = os.environ.get("NUMBA_EP_BACKEND", "").strip().lower()
+    if choice not in ("", "cpu", "cuda"):
+        raise ValueError(f"NUMBA_EP_BACKEND: expected 'cpu' or 'cuda' (or unset), got {choice!r}")
+    if choice:
+        return choice == "cpu"
+    return _no_gpu()
+
+
+@functools.lru_cache(maxsize=1)
+def _no_gpu() -> bool:
+    from numba_ep.group import gpu_count
+
+    return gpu_count() == 0
+
 
 def _xp(buf):
     if buf._host:

@@ -157,7 +157,8 @@ def expert_output(case, seed, idx, r, rows):
 # ------------------------------------------------------------------------------------------ kinds
 
 class Kind:
-    """Moves host arrays to this rank's GPU in the case's kind, and results back to NumPy."""
+    """Moves host arrays to this rank's GPU in the case's kind ("cupy", "torch"; "numpy" for the
+    CPU backend), and results back to NumPy."""
 
     def __init__(self, kind, device):
         self.kind, self.device = kind, device
@@ -170,16 +171,18 @@ class Kind:
     def to(self, a, col_major=False):
         if a is None:
             return None
-        if self.kind == "cupy":
-            import cupy as cp
+        if self.kind in ("cupy", "numpy"):  # bf16 / fp8 travel as uint16 / uint8 bits
+            xp = np
+            if self.kind == "cupy":
+                import cupy as xp
 
             if a.dtype == BF16:
                 a = a.view(np.uint16)
             elif a.dtype == FP8:
                 a = a.view(np.uint8)
             if col_major:
-                return cp.asarray(np.ascontiguousarray(a.T)).T
-            return cp.asarray(a)
+                return xp.asarray(np.ascontiguousarray(a.T)).T
+            return xp.array(a)
         torch = self.torch
         dev = f"cuda:{self.device}"
         if a.dtype == BF16:
@@ -206,15 +209,21 @@ class Kind:
                 t = t.view(torch.uint8)
             out = t.cpu().numpy()
             return out.view(np.uint16) if out.dtype == np.int16 else out
+        if self.kind == "numpy":
+            return np.array(a)
         import cupy as cp
 
         return cp.asnumpy(a)
 
     def is_kind(self, a):
+        if self.kind == "numpy":
+            return isinstance(a, np.ndarray)
         mod = type(a).__module__
         return mod.startswith("torch") if self.kind == "torch" else mod.startswith("cupy")
 
     def sync(self):
+        if self.kind == "numpy":
+            return
         if self.kind == "torch":
             self.torch.cuda.current_stream().synchronize()
         else:
@@ -273,7 +282,10 @@ def _call_kwargs(buf, case):
     return kw
 
 
-def _wait(case, event):
+def _wait(case, event, cpu=False):
+    if cpu:  # the CPU backend is synchronous: no event to wait for
+        assert event.event is None
+        return
     if case.mode == "sync":
         assert event.event is None
     else:
@@ -283,7 +295,8 @@ def _wait(case, event):
 
 def run_case(group, buf, case, seed, idx):
     R, rank = group.size, group.rank
-    kind = Kind(case.kind, buf.device)
+    cpu = getattr(buf, "_cpu", False)  # numba_ep.cpu backend: NumPy arrays in and out
+    kind = Kind("numpy" if cpu else case.kind, buf.device)
     inputs = [make_inputs(case, seed, idx, r, R) for r in range(R)]
     mine = inputs[rank]
     E, T, H = mine["E"], mine["T"], case.hidden
@@ -316,7 +329,7 @@ def run_case(group, buf, case, seed, idx):
     # -- layout
     per_rank, per_rdma, per_expert, in_rank, ev = buf.get_dispatch_layout(
         topk_d, E, **_call_kwargs(buf, case))
-    _wait(case, ev)
+    _wait(case, ev, cpu)
     assert per_rdma is None
     for got, exp, what in zip((per_rank, per_expert, in_rank), layouts[rank][0:1] +
                               layouts[rank][2:4], ("num_tokens_per_rank", "num_tokens_per_expert",
@@ -331,7 +344,7 @@ def run_case(group, buf, case, seed, idx):
         num_tokens_per_expert=per_expert, topk_idx=topk_d if with_topk else None,
         topk_weights=weights_d if with_topk else None, expert_alignment=case.alignment,
         num_worst_tokens=worst, config=dcfg, **kw)
-    _wait(case, ev)
+    _wait(case, ev, cpu)
     N = worst if worst else n_real
     rx, rsc = (recv_x if case.fp8 else (recv_x, None))
     assert kind.is_kind(rx)
@@ -374,7 +387,7 @@ def run_case(group, buf, case, seed, idx):
     kw = _call_kwargs(buf, case)
     cached = buf.dispatch(x_d, handle=handle, config=dcfg, **kw)
     assert cached[1:5] == (None, None, None, None)
-    _wait(case, cached[5])
+    _wait(case, cached[5], cpu)
     crx, crsc = (cached[0] if case.fp8 else (cached[0], None))
     assert tuple(crx.shape) == (N, H)
     assert_bits_equal(kind.host(crx)[:n_real], w["recv_x"][:n_real], "cached recv_x")
@@ -400,7 +413,7 @@ def run_case(group, buf, case, seed, idx):
     kw = _call_kwargs(buf, case)
     combined, combined_w, ev = buf.combine(y_d, handle, topk_weights=recv_w if with_topk else None,
                                            bias=bias_d, config=ccfg, **kw)
-    _wait(case, ev)
+    _wait(case, ev, cpu)
     assert kind.is_kind(combined) and tuple(combined.shape) == (T, H)
     assert_bf16_close(kind.host(combined), want_c[rank][0], "combined_x")
     if with_topk:

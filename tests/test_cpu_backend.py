@@ -1,0 +1,59 @@
+"""The CPU backend (numba_ep.cpu): numba_ep.Buffer with NumPy arrays on a machine without a GPU.
+
+The very suites the GPU tests run (tests/gpu/workers_intranode.py: BF16 and FP8, with and without
+top-k, cached handles, expert_alignment 128, num_worst_tokens, biases, rings that wrap, 0 and 1
+tokens, a rank that receives nothing, top-16) run here through spawned CPU ranks, and must match
+numba_ep.reference bit for bit in dispatch and within one BF16 rounding in combine. Torch cases
+skip (they need CUDA). NUMBA_EP_BACKEND=cpu forces the backend even where a GPU is visible.
+"""
+import os
+import secrets
+
+import pytest
+
+import numba_ep  # noqa: F401  (NumPy shim first)
+from numba_ep.group import spawn
+
+WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu", "workers_intranode.py")
+
+
+@pytest.fixture
+def cpu_backend(monkeypatch):
+    monkeypatch.setenv("NUMBA_EP_BACKEND", "cpu")  # spawned ranks inherit it
+
+
+@pytest.mark.parametrize("nranks", [1, 2, 3])
+@pytest.mark.parametrize("suite", ["bf16", "fp8", "edge"])
+def test_buffer_suites_on_the_cpu(cpu_backend, nranks, suite):
+    seed = secrets.randbits(31)
+    print(f"seed = {seed}")
+    results = spawn(f"{WORKERS}:run_suite", nranks, suite, seed, timeout=300, group_timeout=200)
+    assert len(results) == nranks
+    names = [[name for name, _ in r] for r in results]
+    assert all(n == names[0] for n in names)
+    moved = [n for r in results for _, n in r if isinstance(n, int)]
+    assert len(moved) >= 2 and any(n > 0 for n in moved), results  # torch cases skip
+
+
+def test_buffer_picks_the_cpu_backend(cpu_backend):
+    from numba_ep import Buffer
+
+    buf = Buffer(None, 1 << 20)  # a one-rank group
+    assert buf._cpu and buf.device is None and buf.group_size == 1
+    assert Buffer.capture().event is None
+
+
+LL_WORKERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers_cpu_backend.py")
+
+
+@pytest.mark.parametrize("nranks", [1, 2, 3])
+def test_low_latency_on_the_cpu(cpu_backend, nranks):
+    """FP8 (plain, UE8M0) and BF16 dispatch, hooks, zero-copy, out=, LogFMT, 0 and 1 tokens:
+    dispatch as the reference (any block order), combine bit-exact with it and within DeepEP's
+    end-to-end bound of x * sum of the weights; cumulative stats add up."""
+    seed = secrets.randbits(31)
+    print(f"seed = {seed}")
+    results = spawn(f"{LL_WORKERS}:ll_suite", nranks, seed, timeout=300, group_timeout=200)
+    assert len(results) == nranks
+    assert all(len(r["moved"]) == 5 for r in results)
+    assert sum(sum(r["moved"]) for r in results) > 0
