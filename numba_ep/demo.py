@@ -54,9 +54,56 @@ def cpu_demo() -> int:
     print(f"  reference dispatch -> combine: {R} ranks x {T} tokens x {H}, top-{K} of {E} experts, "
           f"{C} channels; received {n_recv} tokens; round trip "
           f"{'matched' if ok_rt else 'DID NOT match'}")
-    ok = ok_layout and ok_rt
+    # The Buffer API itself on the CPU backend: two spawned ranks, NumPy arrays in and out.
+    from numba_ep.group import spawn
+
+    t0 = time.perf_counter()
+    results = spawn(_cpu_rank, R, timeout=300)
+    ok_buf = all(ok for ok, _ in results)
+    for r, (_, line) in enumerate(results):
+        print(f"  [rank {r}] {line}")
+    print(f"  Buffer on the CPU backend, {R} spawned ranks: "
+          f"{'ok' if ok_buf else 'FAILED'} ({time.perf_counter() - t0:.1f} s)")
+    ok = ok_layout and ok_rt and ok_buf
     print("demo " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1
+
+
+def _cpu_rank(group, num_experts=16, num_tokens=256, num_topk=4, hidden=1024):
+    """One rank of the CPU demo: Buffer.get_dispatch_layout -> dispatch -> combine(recv_x) with
+    NumPy arrays (numba_ep.cpu backend); combine must give x times the ranks it visited."""
+    import os
+
+    import ml_dtypes
+
+    from numba_ep import reference
+    from numba_ep.buffer import Buffer
+
+    os.environ["NUMBA_EP_BACKEND"] = "cpu"
+    rng = np.random.default_rng()
+    x = rng.standard_normal((num_tokens, hidden)).astype(ml_dtypes.bfloat16)
+    topk = _random_topk(rng, num_tokens, num_experts, num_topk)
+    w = rng.random((num_tokens, num_topk)).astype(np.float32)
+    cfg = Buffer.get_dispatch_config(group.size)
+    buf = Buffer(group, cfg.get_nvl_buffer_size_hint(hidden * 2, group.size),
+                 explicitly_destroy=True)
+    try:
+        per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(topk, num_experts)
+        recv_x, recv_topk, recv_w, counts, handle, _ = buf.dispatch(
+            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert, topk_idx=topk, topk_weights=w)
+        combined, _, _ = buf.combine(recv_x, handle)
+        visits = in_rank.sum(1, keepdims=True).astype(np.float32)
+        exact = (x.astype(np.float32) * visits).astype(ml_dtypes.bfloat16)
+        ok = np.array_equal(combined.view(np.uint16), exact.view(np.uint16))
+        line = (f"dispatch {num_tokens} x {hidden} BF16, top-{num_topk} of {num_experts}: "
+                f"received {recv_x.shape[0]} rows, per-expert {counts}; combine "
+                f"{'= x * visits, bit for bit' if ok else 'WRONG'}")
+        ok = ok and reference.calc_diff(combined.astype(np.float64),
+                                        exact.astype(np.float64)) == 0
+    finally:
+        buf.destroy()
+    return ok, line
 
 
 def _gpu_rank(group, num_experts=256, num_tokens=4096, num_topk=8, hidden=7168):
