@@ -23,6 +23,11 @@ outputs with the same dtypes; torch callers use ``torch.bfloat16`` / ``torch.flo
 (see ``numba_ep.interop``). Dispatch copies rows as raw bytes, so ``x`` may have any dtype whose
 row is a multiple of 16 bytes; combine needs BF16.
 
+Without a GPU (or with ``NUMBA_EP_BACKEND=cpu``) the Buffer runs on the CPU backend: NumPy arrays
+in and out, every call synchronous (empty events), each kernel entry point answered by
+``numba_ep.cpu`` (the NumPy reference over all-gathers between the ranks). Everything above the
+kernels (checks, handles, configs, size checks) is the same code as on the GPU.
+
 Streams and events (the same for every call)
 --------------------------------------------
 1. Kernels run on the Buffer's communication stream (``get_comm_stream()``).
