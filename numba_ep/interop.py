@@ -247,6 +247,8 @@ def device_view(a, name="array"):
     CuPy arrays and NumPy arrays (host mode) come back unchanged. torch CUDA tensors become CuPy
     arrays through DLPack; dtypes CuPy lacks (bfloat16, float8) are reinterpreted first as the
     unsigned integer of the same width (``uint16`` / ``uint8``), keeping shape and strides.
+    torch CPU tensors (the CPU backend) become NumPy views by the same rules. Where a tensor
+    may live is checked before this (``numba_ep.buffer.check_array``).
     """
     if a is None:
         return None
@@ -255,10 +257,10 @@ def device_view(a, name="array"):
             return a
         raise TypeError(f"{name}: expected a CuPy array or a torch tensor, got "
                         f"{type(a).__module__}.{type(a).__qualname__}")
+    if not a.is_cuda:
+        return _host_view(a, name)
     import cupy
 
-    if not a.is_cuda:
-        raise ValueError(f"{name}: expected a CUDA tensor, got one on {a.device}")
     t = a.detach()
     dname = str(t.dtype).removeprefix("torch.")
     if dname == "bool":  # DLPack's bool code is not understood everywhere: travel as bytes
@@ -272,6 +274,20 @@ def device_view(a, name="array"):
         out = cupy.from_dlpack(t.view(getattr(torch, _TORCH_INT_CARRIER[width])))
         return out.view(_CUPY_UINT[width]) if width > 1 else out
     return cupy.from_dlpack(t)
+
+
+def _host_view(a, name):
+    """A NumPy view of a torch CPU tensor (the CPU backend), with device_view's dtype rules."""
+    import torch
+
+    if a.device.type != "cpu":
+        raise ValueError(f"{name}: expected a CUDA or CPU tensor, got one on {a.device}")
+    t = a.detach()
+    dname = str(t.dtype).removeprefix("torch.")
+    if dname in CUPY_CARRIER:
+        width = t.element_size()
+        return t.view(getattr(torch, _TORCH_INT_CARRIER[width])).numpy().view(_CUPY_UINT[width])
+    return t.numpy()
 
 
 def bytes_view(a, name="array"):

@@ -93,5 +93,45 @@ def ll_suite(group, seed):
         moved.append(int(count.sum()))
         expected_stats += count
     np.testing.assert_array_equal(stats, expected_stats, err_msg="cumulative recv stats")
+    report = {"moved": moved}
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        report["torch_diff"] = _torch_round(buf, group, seed, torch)
     buf.destroy()
-    return {"moved": moved}
+    return report
+
+
+def _torch_round(buf, group, seed, torch):
+    """FP8 dispatch of torch CPU tensors, zero-copy combine into a torch ``out``: the outputs are
+    torch tensors of DeepEP's dtypes, and equal to the reference. Returns the combine calc_diff."""
+    R, rank = group.size, group.rank
+    E = 4 * R
+    L = E // R
+    inputs = [_inputs(seed, 0, r, E) for r in range(R)]
+    x, topk, w = inputs[rank]
+    want_all = ref.low_latency_dispatch([i[0] for i in inputs], [i[1] for i in inputs], M, E)
+    x_t = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    (x_fp8, scales), count, handle, _, _ = buf.low_latency_dispatch(
+        x_t, torch.from_numpy(topk), M, E)
+    assert x_fp8.dtype == torch.float8_e4m3fn and tuple(x_fp8.shape) == (L, R * M, H)
+    assert scales.dtype == torch.float32 and scales.stride(1) == 1
+    assert isinstance(handle[0], torch.Tensor) and count.dtype == torch.int32
+    got = dict(recv_x=x_fp8.view(torch.uint8).numpy(), recv_x_scales=scales.numpy(),
+               recv_count=count.numpy(), src_info=handle[0].numpy(),
+               layout_range=handle[1].numpy())
+    ref.check_low_latency_dispatch(got, want_all[rank])
+    ys = [_expert(d) for d in want_all]
+    view = buf.get_next_low_latency_combine_buffer(handle)
+    assert view.dtype == torch.bfloat16 and tuple(view.shape) == (L, R * M, H)
+    view.copy_(torch.from_numpy(ys[rank].view(np.int16)).view(torch.bfloat16))
+    out = torch.empty((x.shape[0], H), dtype=torch.bfloat16)
+    combined, _, _ = buf.low_latency_combine(view, torch.from_numpy(topk), torch.from_numpy(w),
+                                             handle, zero_copy=True, out=out)
+    assert combined is out
+    want = ref.low_latency_combine(ys, [i[1] for i in inputs], [i[2] for i in inputs],
+                                   want_all)[rank]
+    got_c = combined.view(torch.int16).numpy().view(BF16)
+    return ref.calc_diff(got_c.astype(np.float64), want.astype(np.float64))

@@ -70,11 +70,12 @@ SUITES = {
 GRAPH_CASE = Case("graph", (96, 80), 2048, topk=4)
 
 
-def _torch_ok():
+def _torch_ok(cpu=False):
+    """torch importable, with CUDA unless the Buffer runs on the CPU backend."""
     try:
         import torch
 
-        return torch.cuda.is_available()
+        return cpu or torch.cuda.is_available()
     except Exception:
         return False
 
@@ -161,11 +162,12 @@ class Kind:
     CPU backend), and results back to NumPy."""
 
     def __init__(self, kind, device):
-        self.kind, self.device = kind, device
+        self.kind, self.device = kind, device  # device None: host memory (CPU backend)
         if kind == "torch":
             import torch
 
-            torch.cuda.set_device(device)
+            if device is not None:
+                torch.cuda.set_device(device)
             self.torch = torch
 
     def to(self, a, col_major=False):
@@ -184,7 +186,7 @@ class Kind:
                 return xp.asarray(np.ascontiguousarray(a.T)).T
             return xp.array(a)
         torch = self.torch
-        dev = f"cuda:{self.device}"
+        dev = "cpu" if self.device is None else f"cuda:{self.device}"
         if a.dtype == BF16:
             t = torch.from_numpy(np.ascontiguousarray(a.view(np.int16))).to(dev).view(torch.bfloat16)
         elif a.dtype == FP8:
@@ -222,7 +224,7 @@ class Kind:
         return mod.startswith("torch") if self.kind == "torch" else mod.startswith("cupy")
 
     def sync(self):
-        if self.kind == "numpy":
+        if self.kind == "numpy" or self.device is None:
             return
         if self.kind == "torch":
             self.torch.cuda.current_stream().synchronize()
@@ -295,8 +297,8 @@ def _wait(case, event, cpu=False):
 
 def run_case(group, buf, case, seed, idx):
     R, rank = group.size, group.rank
-    cpu = getattr(buf, "_cpu", False)  # numba_ep.cpu backend: NumPy arrays in and out
-    kind = Kind("numpy" if cpu else case.kind, buf.device)
+    cpu = getattr(buf, "_cpu", False)  # numba_ep.cpu backend: NumPy / torch CPU in and out
+    kind = Kind("numpy" if cpu and case.kind == "cupy" else case.kind, buf.device)
     inputs = [make_inputs(case, seed, idx, r, R) for r in range(R)]
     mine = inputs[rank]
     E, T, H = mine["E"], mine["T"], case.hidden
@@ -455,8 +457,8 @@ def run_suite(group, suite, seed):
     done = []
     try:
         for idx, case in enumerate(SUITES[suite]):
-            if case.kind == "torch" and not _torch_ok():
-                done.append((case.name, "skipped: no torch with CUDA"))
+            if case.kind == "torch" and not _torch_ok(getattr(buf, "_cpu", False)):
+                done.append((case.name, "skipped: no torch (with CUDA)"))
                 continue
             if case.avoid_rank >= R:
                 case = replace(case, avoid_rank=-1)
