@@ -661,7 +661,12 @@ def test_array_info_kinds():
     assert (ti.kind, ti.dtype, ti.itemsize, ti.device, ti.c_contiguous) == \
         ("torch", "bfloat16", 2, None, True)
     assert array_info(t.t()).c_contiguous is False
-    raises(ValueError, lambda: device_view(t, "x"), "x: expected a CUDA tensor")
+    # a CPU tensor: a NumPy view with the carrier dtype (the CPU backend), sharing memory;
+    # a GPU Buffer rejects it earlier, in check_array (wrong device)
+    v = device_view(t, "x")
+    assert isinstance(v, np.ndarray) and v.dtype == np.uint16 and v.shape == (3, 4)
+    v[0, 0] = 0x3F80  # bf16 1.0
+    assert float(t[0, 0]) == 1.0
     raises(ValueError, lambda: check_array(t, "x", device=0), "CUDA device 0", "host")
 
 
