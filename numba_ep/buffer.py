@@ -668,8 +668,15 @@ class Buffer:
         _live_buffers[self._id] = self
         self._destroyed = False
 
+    @property
+    def backend(self) -> str:
+        """``"cuda"`` (numba_ep's GPU kernels) or ``"cpu"`` (``numba_ep.cpu``: NumPy arrays or
+        torch CPU tensors in and out)."""
+        return "cpu" if self._host else "cuda"
+
     def __repr__(self):
-        state = ("destroyed" if self._destroyed else "host mode" if self._host
+        state = ("destroyed" if self._destroyed else "cpu backend" if self._cpu
+                 else "host mode" if self._host
                  else f"device={self.device}")
         return (f"Buffer(#{getattr(self, '_id', '?')}, rank={self.rank}/{self.group_size}, "
                 f"num_nvl_bytes={self.num_nvl_bytes}, num_rdma_bytes={self.num_rdma_bytes}, "

@@ -51,7 +51,8 @@ def test_buffer_picks_the_cpu_backend(cpu_backend):
     from numba_ep import Buffer
 
     buf = Buffer(None, 1 << 20)  # a one-rank group
-    assert buf._cpu and buf.device is None and buf.group_size == 1
+    assert buf.backend == "cpu" and buf.device is None and buf.group_size == 1
+    assert "cpu backend" in repr(buf)
     assert Buffer.capture().event is None
 
 
