@@ -17,18 +17,18 @@ def _ptx(fn, sig):
 
 @pytest.mark.parametrize("R", [1, 2, 3, 5, 7, 8])
 def test_kernels_compile_and_link(R, sm90):
+    """Exactly what the launchers build (their spec functions, TUNING and launch bounds
+    included) compiles and links to an sm_90 cubin for every rank count."""
     C, N, row16, K, S, L = 4, 64, 448, 8, 56, 16
-    lay = I.RingLayout(R, C, N, row16 * 16, K, S)
-    kernels = [
-        (I.make_notify_dispatch(R, C, L, lay.rank_counts, lay.chan_counts, lay.expert_counts,
-                                lay.tail, lay.head), I.NOTIFY_SIG),
-        (I.make_cached_notify(R, C, lay.tail), I.CACHED_SIG),
-        (I.make_dispatch(R, C, N, row16, K, S, L, **lay.constants()), I.DISPATCH_SIG),
-        (I.make_dispatch(R, C, N, row16, 0, 0, L, **lay.constants()), I.DISPATCH_SIG),  # cached
-        (I.make_combine(R, C, N, row16, K, **lay.constants()), I.COMBINE_SIG),
-    ]
-    for fn, sig in kernels:
-        cubin, meta = launch.compile_cubin(fn, launch.parse_signature(sig), (9, 0))
+    specs = [I.notify_spec(R, C, L), I.cached_notify_spec(R, C),
+             I.dispatch_spec(R, C, N, row16 * 16, K, S, L),
+             I.dispatch_spec(R, C, N, row16 * 16, 0, S, L),  # cached
+             I.combine_spec(R, C, N, row16 * 16, K)]
+    for factory, sig, kw in specs:
+        kw = dict(kw)
+        bounds = kw.pop("launch_bounds", None)
+        cubin, meta = launch.compile_cubin(factory(**kw), launch.parse_signature(sig), (9, 0),
+                                           launch_bounds=bounds)
         assert cubin[:4] == b"\x7fELF"
 
 
