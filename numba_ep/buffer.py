@@ -639,7 +639,6 @@ class Buffer:
         reference over the group's all-gathers). Buffer sizes are still checked as on a GPU."""
         from types import SimpleNamespace
 
-        from numba_ep import cpu  # noqa: F401  (the package, for its modules below)
         from numba_ep.cpu import intranode, layout, low_latency
 
         self._host = True

@@ -381,10 +381,8 @@ def _get_kernel(factory, sig, lineinfo, max_registers, launch_bounds, fastmath, 
             if k is None:
                 k = _memo[key] = SimulatorKernel(factory(**constants), argtypes, name)
         return k
-    cc = tuple(cc) if cc is not None else _current_cc()
-    options = tuple(sorted(dict(lineinfo=lineinfo, max_registers=max_registers,
-                                launch_bounds=launch_bounds, fastmath=fastmath).items()))
-    key = KernelKey(_factory_name(factory), tuple(sorted(constants.items())), argtypes, options, cc)
+    key = _kernel_key(factory, argtypes, lineinfo, max_registers, launch_bounds, fastmath, cc,
+                      constants)
     with _memo_lock:
         k = _memo.get(key)
         if k is not None:
@@ -394,6 +392,30 @@ def _get_kernel(factory, sig, lineinfo, max_registers, launch_bounds, fastmath, 
                                       fastmath=fastmath)
         k = _memo[key] = CompiledKernel(cubin, meta, argtypes, name)
         return k
+
+
+def _kernel_key(factory, argtypes, lineinfo, max_registers, launch_bounds, fastmath, cc,
+                constants) -> KernelKey:
+    cc = tuple(cc) if cc is not None else _current_cc()
+    options = tuple(sorted(dict(lineinfo=lineinfo, max_registers=max_registers,
+                                launch_bounds=launch_bounds, fastmath=fastmath).items()))
+    return KernelKey(_factory_name(factory), tuple(sorted(constants.items())), argtypes, options,
+                     cc)
+
+
+def compile_to_cache(factory, sig, *, lineinfo=False, max_registers=None, launch_bounds=None,
+                     fastmath=False, cc=None, **constants) -> bool:
+    """Put the cubin ``get_kernel`` would load for these arguments into ``cache_dir()``, without
+    loading it: no module is created, so kernels that link NVSHMEM need no NVSHMEM runtime
+    here, and with ``cc`` given no GPU either. For compiling ahead of time, e.g. in parallel
+    processes before the ranks of a job start. Returns True if it compiled (False: cached)."""
+    key = _kernel_key(factory, parse_signature(sig), lineinfo, max_registers, launch_bounds,
+                      fastmath, cc, constants)
+    meta_path = cache_dir() / f"{key.digest(nvshmem=False)}.json"
+    existed = meta_path.exists()
+    load_or_compile(factory, key, constants, lineinfo=lineinfo, max_registers=max_registers,
+                    launch_bounds=launch_bounds, fastmath=fastmath)
+    return not existed
 
 
 def load_or_compile(factory, key: KernelKey, constants: dict, **options):

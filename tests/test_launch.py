@@ -1,6 +1,7 @@
 """CPU tests of the compile-and-cache half of numba_ep.launch (loading and launching need a GPU:
 tests/gpu/test_foundation_gpu.py)."""
 import json
+import os
 
 import pytest
 
@@ -82,3 +83,26 @@ def test_stream_handle_kinds():
     assert launch.stream_handle(Cupyish()) == 77
     with pytest.raises(TypeError, match="stream"):
         launch.stream_handle("default")
+
+
+def test_compile_to_cache_needs_no_gpu_and_no_nvshmem(tmp_path, monkeypatch, sm90):
+    """compile_to_cache fills the disk cache get_kernel reads (also for a kernel that links
+    NVSHMEM, with no NVSHMEM runtime) and reports a second call as cached."""
+    import sys
+
+    from numba_ep.kernels import barrier, low_latency as ll
+
+    monkeypatch.setenv("NUMBA_EP_CACHE_DIR", str(tmp_path))
+    f, sig, kw = barrier.barrier_spec(2)
+    assert launch.compile_to_cache(f, sig, cc=(9, 0), **kw) is True
+    assert launch.compile_to_cache(f, sig, cc=(9, 0), **kw) is False
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_low_latency_compile import fake_ctx
+
+    f, sig, kw = ll.dispatch_kernels(fake_ctx(R=2, transport="nvshmem"), 8)[0]
+    assert kw["use_nvshmem"] is True
+    assert launch.compile_to_cache(f, sig, cc=(9, 0), **kw) is True
+    metas = list(tmp_path.glob("*.json"))
+    cubins = list(tmp_path.glob("*.cubin"))
+    assert len(metas) == 2 and len(cubins) == 2
+    assert any(json.loads(m.read_text())["nvshmem"] for m in metas)

@@ -441,3 +441,22 @@ def test_checks_read_cupy_metadata_directly():
         ll._check("x", cupy_view((4, 8), np.uint16, (32, 2)), (np.uint16,), ndim=2)
     with pytest.raises(TypeError, match="topk_idx: expected dtype int64, got int32"):
         ll._check_topk(cupy_view((4, 8), np.int32))
+
+
+def test_transport_nvshmem_treats_every_other_rank_as_remote(monkeypatch):
+    """transport="nvshmem" (or NUMBA_EP_LL_TRANSPORT=nvshmem): NVSHMEM puts to every other rank,
+    so one host can test the path peers on other nodes take; the own address stays."""
+    auto = fake_ctx(R=4, rank=2)
+    assert not auto.use_nvshmem and auto.transport == "auto"
+    ctx = fake_ctx(R=4, rank=2, transport="nvshmem")
+    assert ctx.use_nvshmem and ctx.transport == "nvshmem"
+    assert [p != 0 for p in ctx.peer_ptrs] == [False, False, True, False]
+    assert ctx.peer_ptrs[2] == auto.peer_ptrs[2]
+    (s, _, sc), _ = ll.dispatch_kernels(ctx, 8)
+    assert sc["use_nvshmem"] is True
+    assert not fake_ctx(R=1, transport="nvshmem").use_nvshmem  # no other rank
+    monkeypatch.setenv("NUMBA_EP_LL_TRANSPORT", "nvshmem")
+    assert fake_ctx(R=2).use_nvshmem
+    monkeypatch.setenv("NUMBA_EP_LL_TRANSPORT", "rdma")
+    with pytest.raises(ValueError, match="transport: expected 'auto' or 'nvshmem'"):
+        fake_ctx(R=2)

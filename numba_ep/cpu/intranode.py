@@ -12,7 +12,6 @@ import pickle
 import numpy as np
 
 from numba_ep import reference
-from numba_ep.kernels.intranode import MIN_RECV_SLOTS, nvl_bytes_needed  # noqa: F401 (same API)
 
 
 class IntranodeContext:

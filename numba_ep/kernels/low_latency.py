@@ -110,6 +110,8 @@ Byte count and expected time of the benchmark (T=128, H=7168, K=8, E=288, R=2 H1
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 import numba_ep  # noqa: F401  (NumPy shim before numba.cuda)
@@ -1141,6 +1143,10 @@ class LowLatencyContext:
             which peer it waited for (the next call, or ``check()``, raises CommTimeoutError).
             None: env ``NUMBA_EP_TIMEOUT_S`` or 100 s.
         num_sms: blocks of the grid-wide phases (default: the device's SM count).
+        transport: ``"auto"`` (default; env ``NUMBA_EP_LL_TRANSPORT`` overrides): NVLink stores
+            to the peers NVSHMEM maps, NVSHMEM puts to the others; ``"nvshmem"``: NVSHMEM puts
+            and signals to every other rank, as to peers on other nodes, so that the network
+            path can be tested on one host (NVSHMEM then moves the data over NVLink itself).
 
     Construction validates and computes the layout only; device state (workspace, error
     record, tables) is created on the first launch. The buffer must be zero (a new
@@ -1149,7 +1155,7 @@ class LowLatencyContext:
     """
 
     def __init__(self, sym_buffer, rank, num_ranks, num_max_dispatch_tokens_per_rank, hidden,
-                 num_experts, timeout_s=None, num_sms=None):
+                 num_experts, timeout_s=None, num_sms=None, transport=None):
         from numba_ep import reference
         from numba_ep.kernels.waits import timeout_ns
 
@@ -1184,8 +1190,16 @@ class LowLatencyContext:
             raise ValueError("sym_buffer: peer_ptrs[rank] must be the buffer's own address")
         if num_sms is not None:
             num_sms = _int("num_sms", num_sms, 1)
+        if transport is None:
+            transport = os.environ.get("NUMBA_EP_LL_TRANSPORT", "").strip() or "auto"
+        if transport not in ("auto", "nvshmem"):
+            raise ValueError(f"transport: expected 'auto' or 'nvshmem' (or env "
+                             f"NUMBA_EP_LL_TRANSPORT), got {transport!r}")
+        if transport == "nvshmem":  # every other rank as if unmapped (address 0)
+            peers = [p if r == self.rank else 0 for r, p in enumerate(peers)]
 
         self.buffer = sym_buffer
+        self.transport = transport
         self.num_ranks, self.num_experts = R, E
         self.num_max_dispatch_tokens_per_rank = M
         self.hidden = H
@@ -1217,7 +1231,9 @@ class LowLatencyContext:
         from numba_ep.kernels.waits import error_record
 
         self.errors = error_record()
-        self._peer_table = getattr(self.buffer, "peer_ptrs_dev", None)
+        self._peer_table = None
+        if self.transport == "auto":  # the buffer's own table holds the NVLink addresses
+            self._peer_table = getattr(self.buffer, "peer_ptrs_dev", None)
         if self._peer_table is None:
             self._peer_table = cupy.asarray(np.asarray(self.peer_ptrs, dtype=np.uint64))
         self.bufs = int(self._peer_table.data.ptr)

@@ -10,15 +10,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def compile_spec(spec):
-    """Compile (or load from the disk cache) one ``(factory, signature, get_kernel keywords)``
-    kernel on this process's GPU; returns the factory's name."""
+    """Compile one ``(factory, signature, get_kernel keywords)`` kernel into the disk cache for
+    GPU 0's compute capability (not loaded: NVSHMEM kernels need no NVSHMEM runtime here);
+    returns the factory's name."""
     from cuda.core import Device
 
-    from numba_ep.launch import get_kernel
+    from numba_ep.launch import compile_to_cache
 
-    Device(0).set_current()
+    dev = Device(0)
+    dev.set_current()  # numba asks the current device while compiling some kernels
     factory, sig, kwargs = spec
-    get_kernel(factory, sig, **kwargs)
+    compile_to_cache(factory, sig, cc=tuple(dev.compute_capability), **kwargs)
     return factory.__name__
 
 

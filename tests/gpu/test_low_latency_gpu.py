@@ -70,6 +70,16 @@ def test_matrix(ranks, compiled, nranks):
             assert sum(i["wire_encoded_divisions"] for i in wire) > 0, "no division was encoded"
 
 
+@pytest.mark.parametrize("nranks", ep_params(2))
+def test_matrix_over_nvshmem_puts(ranks, compiled, nranks, monkeypatch):
+    """The path to peers on other nodes (NVSHMEM puts and signals instead of NVLink stores),
+    forced for every peer of one host (NUMBA_EP_LL_TRANSPORT=nvshmem, which the ranks inherit):
+    the same matrix, the same exact checks."""
+    monkeypatch.setenv("NUMBA_EP_LL_TRANSPORT", "nvshmem")
+    reports = _run(ranks, "ll_matrix", nranks)
+    assert len(reports) == nranks and all(len(r) == 11 for r in reports)
+
+
 @pytest.mark.parametrize("nranks", ep_params())
 def test_repeat(ranks, compiled, nranks):
     iterations = 40 if nranks == 1 else 100

@@ -54,8 +54,9 @@ def kernel_specs(nranks):
     from numba_ep.kernels import low_latency as ll
 
     lists = []
-    for s in SHAPES.values():
-        ctx = spec_context(nranks, s)
+    transports = ("auto", "nvshmem") if nranks > 1 else ("auto",)
+    for s, transport in [(s, t) for s in SHAPES.values() for t in transports]:
+        ctx = spec_context(nranks, s, transport)
         for fp8, rs, ue in [(True, False, False), (True, True, False), (True, True, True),
                             (False, False, False)]:
             if ue and s["H"] % 512:
@@ -66,7 +67,7 @@ def kernel_specs(nranks):
     return lists
 
 
-def spec_context(nranks, shape):
+def spec_context(nranks, shape, transport="auto"):
     """A LowLatencyContext of ``shape`` (a dict with M, H, E) over a fake symmetric buffer: enough
     to list the kernel specifications rank 0 will launch, without a GPU."""
     from types import SimpleNamespace
@@ -77,7 +78,7 @@ def spec_context(nranks, shape):
     M, H, E = shape["M"], shape["H"], shape["E"]
     buf = SimpleNamespace(ptr=1 << 32, peer_ptrs=[(1 << 32) + (r << 36) for r in range(nranks)],
                           nbytes=get_low_latency_rdma_size_hint(M, H, nranks, E))
-    return ll.LowLatencyContext(buf, 0, nranks, M, H, E)
+    return ll.LowLatencyContext(buf, 0, nranks, M, H, E, transport=transport)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +110,8 @@ class Env:
             self.bufs[n] = SymmetricBuffer(sizes[n])
             self.ctxs[n] = LowLatencyContext(self.bufs[n], self.rank, self.size, s["M"], s["H"],
                                              s["E"], timeout_s=timeout_s, num_sms=s["num_sms"])
-            assert not self.ctxs[n].use_nvshmem, "one host: every peer is NVLink-mapped"
+            forced = os.environ.get("NUMBA_EP_LL_TRANSPORT") == "nvshmem" and self.size > 1
+        assert self.ctxs[n].use_nvshmem == forced, "one host: every peer is NVLink-mapped"
         self.stream = cupy.cuda.Stream(non_blocking=True)
 
     def close(self):
