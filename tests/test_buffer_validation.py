@@ -21,6 +21,7 @@ import pytest
 
 import numba_ep  # noqa: F401  (NumPy shim first)
 from kernels_for_tests import KernelCalled, raises, stub_kernels  # noqa: E402
+from numba_ep.cpu.intranode import write_dispatch_outputs  # noqa: E402
 from numba_ep import reference
 from numba_ep.buffer import MAX_TOPK, Buffer, _Handle, check_array, check_expert_ids
 from numba_ep.config import Config
@@ -513,17 +514,7 @@ class Emulator:
                 x_b=x_b, sc=sc, topk=topk, w=w, in_rank=in_rank, rx=rx, rsc=rsc, rtopk=rtopk,
                 rw=rw, rsrc=rsrc, send_head=send_head, E=E, slots=slots, C=C_, worst=worst,
                 rank_prefix=rank_prefix)))
-            n = mine["num_recv_tokens"]
-            rx[:n] = mine["recv_x"][:n].view(np.uint8).reshape(n, -1)
-            if rsc is not None:
-                rsc[:n] = mine["recv_x_scales"][:n].view(np.float32)
-            if rtopk is not None:
-                rtopk[:n] = mine["recv_topk_idx"][:n]
-                rtopk[n:] = -1
-                rw[:n] = mine["recv_topk_weights"][:n]
-            rsrc[:n] = mine["recv_src_idx"][:n]
-            if send_head is not None:
-                send_head[:] = mine["send_head"]
+            write_dispatch_outputs(mine, rx, rsc, rtopk, rw, rsrc, send_head)
 
         def combine(ctx, x, w, b0, b1, src, rank_prefix, recv_chan, send_head, out, out_w, slots,
                     C_, stream):

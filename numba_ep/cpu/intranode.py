@@ -87,12 +87,20 @@ def dispatch(ctx, x_bytes, x_scales, topk_idx, topk_weights, is_token_in_rank,
         x_scales=[p[1] for p in parts] if parts[0][1] is not None else None,
         num_worst_tokens=num_worst_tokens,
         is_token_in_rank=None if with_topk else [p[4] for p in parts])[ctx.rank]
-    n = mine["num_recv_tokens"]
     rows = recv_x_bytes.shape[0]
-    if n > rows:
-        raise ValueError(f"num_worst_tokens: rank {ctx.rank} receives {n} rows, more than the "
-                         f"{rows} it was given")
-    recv_x_bytes[:n] = mine["recv_x"][:n]
+    if mine["num_recv_tokens"] > rows:
+        raise ValueError(f"num_worst_tokens: rank {ctx.rank} receives {mine['num_recv_tokens']} "
+                         f"rows, more than the {rows} it was given")
+    write_dispatch_outputs(mine, recv_x_bytes, recv_x_scales, recv_topk_idx, recv_topk_weights,
+                           recv_src_idx, send_head)
+
+
+def write_dispatch_outputs(mine, recv_x_bytes, recv_x_scales, recv_topk_idx, recv_topk_weights,
+                           recv_src_idx, send_head):
+    """Write one rank's ``reference.intranode_dispatch`` result into the Buffer's output arrays
+    as the dispatch kernel writes them (rows past the real count: only ``recv_topk_idx`` = -1)."""
+    n = mine["num_recv_tokens"]
+    recv_x_bytes[:n] = mine["recv_x"][:n].view(np.uint8).reshape(n, recv_x_bytes.shape[1])
     recv_src_idx[:n] = mine["recv_src_idx"][:n]
     if recv_x_scales is not None:
         recv_x_scales[:n] = mine["recv_x_scales"][:n].view(np.float32)
