@@ -970,6 +970,156 @@ def intranode_combine(x, handles, topk_weights=None, bias=None):
 
 
 # ------------------------------------------------------------------------------------------------
+# Internode normal mode (two hops: RDMA between nodes, then NVLink inside the node)
+# ------------------------------------------------------------------------------------------------
+
+def _ring_counters(selected: np.ndarray, num_channels: int) -> np.ndarray:
+    """For ``selected [T, X] bool``: per column, how many earlier tokens of the same channel are
+    selected (the ring-slot counter a token takes), or -1 where not selected. ``[T, X] int32``."""
+    num_tokens = selected.shape[0]
+    out = np.full(selected.shape, -1, dtype=np.int32)
+    for c in range(num_channels):
+        start, end = get_channel_task_range(num_tokens, num_channels, c)
+        block = selected[start:end]
+        out[start:end] = np.where(block, np.cumsum(block, axis=0) - 1, -1)
+    return out
+
+
+def _channel_counts(selected: np.ndarray, num_channels: int) -> np.ndarray:
+    """``[X, C] int64``: selected tokens per column and channel."""
+    counts = np.zeros((selected.shape[1], num_channels), dtype=np.int64)
+    for c in range(num_channels):
+        start, end = get_channel_task_range(selected.shape[0], num_channels, c)
+        counts[:, c] = selected[start:end].sum(axis=0)
+    return counts
+
+
+def internode_dispatch(x, topk_idx, topk_weights, num_experts, num_channels, num_gpus_per_node,
+                       x_scales=None, expert_alignment=1, is_token_in_rank=None,
+                       num_tokens_per_expert=None):
+    """Normal-mode dispatch across nodes of ``G = num_gpus_per_node`` ranks each (rank
+    ``r = n*G + g``: node ``n``, local GPU ``g``; ``R % G == 0``, ``N_nodes = R / G``).
+
+    A token of rank ``(a, i)`` bound for rank ``(b, j)`` travels once per destination node:
+    RDMA to ``(b, i)`` (the same local GPU on node ``b``; no hop when ``a == b``), then NVLink
+    from that forwarder to ``(b, j)``. The user-visible results are exactly those of
+    :func:`intranode_dispatch` of the same inputs (rows by global source rank, then channel, then
+    token order; same top-k, weights, per-expert counts). Each rank's dict adds its handle:
+
+    - ``is_token_in_rank [T, R] bool``: mine (sender side).
+    - ``rdma_channel_prefix_matrix [N_nodes, C] int32``: my tokens in channels ``0..c`` that go
+      to node ``n`` (any of its GPUs); inclusive prefix.
+    - ``gbl_channel_prefix_matrix [R, C] int32``: the same per destination rank (=
+      ``channel_prefix_matrix``).
+    - ``recv_rdma_channel_prefix_matrix [N_nodes, C] int32``: as forwarder ``(b, i)``: tokens of
+      rank ``(a, i)`` in channels ``0..c`` that come to my node; inclusive prefix per source node.
+    - ``recv_rdma_rank_prefix_sum [N_nodes] int32``: inclusive prefix over source nodes of those
+      totals; its last value is ``num_rdma_recv_tokens``. The RDMA-received tokens are numbered
+      by source node, then channel, then token order.
+    - ``recv_gbl_channel_prefix_matrix [R, C] int32``: row in ``recv_x`` where the block of
+      (source rank, channel) starts.
+    - ``recv_gbl_rank_prefix_sum [R] int32``: inclusive prefix over source ranks of the rows I
+      receive (= column ``d`` of ``rank_prefix_matrix``).
+    - ``recv_src_meta [N, 2] int32``: per received row, the source node and a bit mask of the
+      GPUs of my node the token goes to (DeepEP's ``SourceMeta``).
+    - ``send_rdma_head [T, N_nodes] int32``: my token's slot counter in the RDMA ring of its
+      channel toward node ``n`` (earlier tokens of the channel bound for ``n``), or -1.
+    - ``send_nvl_head [num_rdma_recv_tokens, G] int32``: as forwarder, each RDMA-received token's
+      slot counter in the NVLink ring toward local GPU ``j`` of its channel and source node (one
+      sub-ring per source node, so the counter depends on the routing only), or -1.
+    - ``num_rdma_recv_tokens``: the RDMA-received token count (including my own node's).
+
+    ``num_worst_tokens`` is not supported here (DeepEP's internode mode asserts it is 0).
+    """
+    func = "internode_dispatch"
+    x = _rank_list(func, "x", x)
+    num_ranks = len(x)
+    gpus = _int_arg(func, "num_gpus_per_node", num_gpus_per_node, 1)
+    if num_ranks % gpus:
+        raise _bad(func, "num_gpus_per_node", f"a divisor of the rank count {num_ranks}", gpus)
+    nodes = num_ranks // gpus
+    C = _int_arg(func, "num_channels", num_channels, 1)
+    base = intranode_dispatch(x, topk_idx, topk_weights, num_experts, C, x_scales=x_scales,
+                              expert_alignment=expert_alignment,
+                              is_token_in_rank=is_token_in_rank,
+                              num_tokens_per_expert=num_tokens_per_expert)
+    routing = [b["is_token_in_rank"] for b in base]
+    in_node = [r.reshape(r.shape[0], nodes, gpus).any(axis=2) for r in routing]
+    # [source rank] -> [N_nodes, C] tokens per destination node and channel
+    node_counts = [_channel_counts(n, C) for n in in_node]
+
+    results = []
+    for d in range(num_ranks):
+        b, i = divmod(d, gpus)
+        out = dict(base[d])
+        out["rdma_channel_prefix_matrix"] = np.cumsum(node_counts[d], axis=1).astype(np.int32)
+        out["gbl_channel_prefix_matrix"] = base[d]["channel_prefix_matrix"]
+        sources = [a * gpus + i for a in range(nodes)]  # the ranks whose RDMA lands on me
+        from_node = np.stack([node_counts[s][b] for s in sources])  # [N_nodes, C]
+        out["recv_rdma_channel_prefix_matrix"] = np.cumsum(from_node, axis=1).astype(np.int32)
+        out["recv_rdma_rank_prefix_sum"] = np.cumsum(from_node.sum(axis=1)).astype(np.int32)
+        rank_prefix = base[d]["rank_prefix_matrix"][:, d].astype(np.int64)
+        block_start = np.concatenate([[0], rank_prefix[:-1]])
+        out["recv_gbl_channel_prefix_matrix"] = (
+            block_start[:, None] + base[d]["recv_channel_prefix_matrix"]).astype(np.int32)
+        out["recv_gbl_rank_prefix_sum"] = rank_prefix.astype(np.int32)
+        metas = []
+        for s in range(num_ranks):
+            rows = np.nonzero(routing[s][:, d])[0]
+            mask = (routing[s][rows, b * gpus:(b + 1) * gpus].astype(np.int64)
+                    << np.arange(gpus, dtype=np.int64)).sum(axis=1)
+            metas.append(np.stack([np.full(len(rows), s // gpus), mask], axis=1))
+        out["recv_src_meta"] = (np.concatenate(metas).astype(np.int32) if metas
+                                else np.zeros((0, 2), np.int32))
+        out["send_rdma_head"] = _ring_counters(in_node[d], C)
+        nvl = []
+        for s in sources:
+            fwd = np.nonzero(in_node[s][:, b])[0]  # the tokens of s that come to my node
+            to_gpu = routing[s][:, b * gpus:(b + 1) * gpus]
+            counters = _ring_counters(to_gpu, C)
+            nvl.append(counters[fwd])
+        out["send_nvl_head"] = (np.concatenate(nvl).astype(np.int32) if nvl
+                                else np.zeros((0, gpus), np.int32))
+        out["num_rdma_recv_tokens"] = int(out["recv_rdma_rank_prefix_sum"][-1])
+        out["num_gpus_per_node"] = gpus
+        results.append(out)
+    return results
+
+
+def internode_combine(x, handles, topk_weights=None, bias=None):
+    """Normal-mode combine across nodes: the reverse of :func:`internode_dispatch`, an
+    UNWEIGHTED sum over the ranks that received each token; the same values as
+    :func:`intranode_combine` (float32 accumulation: bias0, bias1, then destinations ascending),
+    though a GPU sums inside each node first and may round differently.
+
+    Args as :func:`intranode_combine`, with ``handles[r]`` the dicts
+    :func:`internode_dispatch` returned; only the internode handle items are read (the
+    intranode ones are rebuilt from them, as a kernel would have to).
+    """
+    func = "internode_combine"
+    handles = _rank_list(func, "handles", handles)
+    num_ranks = len(handles)
+    rebuilt = []
+    for d, h in enumerate(handles):
+        routing = np.asarray(h["is_token_in_rank"], dtype=bool)
+        C = np.asarray(h["gbl_channel_prefix_matrix"]).shape[1]
+        rank_prefix = np.zeros((num_ranks, num_ranks), np.int32)
+        for s in range(num_ranks):
+            rank_prefix[:, s] = np.asarray(handles[s]["recv_gbl_rank_prefix_sum"])
+        start = np.concatenate([[0], rank_prefix[:-1, d]]).astype(np.int64)
+        recv_channel_prefix = np.asarray(h["recv_gbl_channel_prefix_matrix"]) - start[:, None]
+        src_idx = np.concatenate([np.nonzero(np.asarray(handles[s]["is_token_in_rank"])[:, d])[0]
+                                  for s in range(num_ranks)]) if num_ranks else np.zeros(0)
+        rebuilt.append(dict(is_token_in_rank=routing,
+                            send_head=_ring_counters(routing, C),
+                            rank_prefix_matrix=rank_prefix,
+                            recv_channel_prefix_matrix=recv_channel_prefix.astype(np.int32),
+                            channel_prefix_matrix=np.asarray(h["gbl_channel_prefix_matrix"]),
+                            recv_src_idx=src_idx.astype(np.int32)))
+    return intranode_combine(x, rebuilt, topk_weights=topk_weights, bias=bias)
+
+
+# ------------------------------------------------------------------------------------------------
 # Low-latency mode: dispatch, its checker, combine
 # ------------------------------------------------------------------------------------------------
 
