@@ -169,6 +169,31 @@ class _Handle(tuple):
                 f"shapes={[tuple(a.shape) for a in self]})")
 
 
+_INTERNODE_HANDLE_ITEMS = (
+    "is_token_in_rank", "rdma_channel_prefix_matrix", "gbl_channel_prefix_matrix",
+    "recv_rdma_channel_prefix_matrix", "recv_rdma_rank_prefix_sum",
+    "recv_gbl_channel_prefix_matrix", "recv_gbl_rank_prefix_sum", "recv_src_meta",
+    "send_rdma_head", "send_nvl_head")
+
+
+class _InternodeHandle(tuple):
+    """DeepEP's internode dispatch handle, a 10-tuple (see ``numba_ep.cpu.internode``)::
+
+        (is_token_in_rank [T, R] bool, rdma_channel_prefix_matrix [N_nodes, C],
+         gbl_channel_prefix_matrix [R, C], recv_rdma_channel_prefix_matrix [N_nodes, C],
+         recv_rdma_rank_prefix_sum [N_nodes], recv_gbl_channel_prefix_matrix [R, C],
+         recv_gbl_rank_prefix_sum [R], recv_src_meta [N, 2], send_rdma_head [T, N_nodes],
+         send_nvl_head [N_rdma_recv, G])   (int32 but the first)
+    """
+
+    def __new__(cls, items):
+        return tuple.__new__(cls, items)
+
+    def __repr__(self):
+        return (f"_InternodeHandle(buffer_id={getattr(self, 'buffer_id', None)}, "
+                f"shapes={[tuple(a.shape) for a in self]})")
+
+
 class _LowLatencyHandle(tuple):
     """DeepEP's low-latency handle, a 5-tuple::
 
@@ -545,6 +570,9 @@ class Buffer:
         self.group = as_group(comm if comm is not None else group)
         self.rank = self.group.rank
         self.group_size = self.group.size
+        #: ranks per node (beyond DeepEP, where it is 8): fewer than the rank count means
+        #: internode normal mode (see ``_resolve_gpus_per_node``)
+        self.num_gpus_per_node = _resolve_gpus_per_node(self.group)
         self.num_nvl_bytes = num_nvl_bytes
         self.num_rdma_bytes = num_rdma_bytes
         self.low_latency_mode = bool(low_latency_mode)
@@ -612,6 +640,7 @@ class Buffer:
         self._destroyed = True
         self.group = group
         self.rank, self.group_size = int(group.rank), int(group.size)
+        self.num_gpus_per_node = _resolve_gpus_per_node(group)
         self.num_nvl_bytes = _check_int("num_nvl_bytes", num_nvl_bytes, 0, 2**62)
         self.num_rdma_bytes = _check_int("num_rdma_bytes", num_rdma_bytes, 0, 2**62)
         self.low_latency_mode = bool(low_latency_mode)
@@ -831,12 +860,25 @@ class Buffer:
                 self._broken = f"CommTimeoutError: {e}"
                 raise
 
-    def _check_intranode(self, what):
+    @property
+    def _spans_nodes(self) -> bool:
+        return self.num_gpus_per_node < self.group_size
+
+    def _internode(self, what) -> bool:
+        """True: this call takes internode normal mode (the CPU backend only, so far)."""
+        if self._spans_nodes:
+            if self._cpu:
+                return True
+            raise NotImplementedError(
+                f"{what}: {self.group_size} ranks over nodes of {self.num_gpus_per_node} need "
+                f"internode normal mode, whose GPU kernels are not implemented yet (issue: "
+                f"internode; the CPU backend runs it); intranode mode supports 1..{MAX_RANKS} "
+                f"ranks on one node")
         if self.group_size > MAX_RANKS:
             raise NotImplementedError(
-                f"{what}: {self.group_size} ranks need internode normal mode (more than "
-                f"{MAX_RANKS} ranks), which is not implemented yet (issue: internode); "
-                f"intranode mode supports 1..{MAX_RANKS} ranks")
+                f"{what}: intranode mode supports 1..{MAX_RANKS} ranks, got {self.group_size} "
+                f"in one node (NUMBA_EP_GPUS_PER_NODE={self.num_gpus_per_node})")
+        return False
 
     def _check_config(self, config, what, default):
         if config is None:
@@ -996,7 +1038,8 @@ class Buffer:
                     check_expert_ids(topk, num_experts, "topk_idx")
             with call.alloc():
                 per_rank, per_rdma, per_expert, in_rank = layout.get_dispatch_layout(
-                    topk, num_experts, R, num_gpus_per_node=_gpus_per_node(R), stream=call.comm)
+                    topk, num_experts, R, stream=call.comm,
+                    num_gpus_per_node=self.num_gpus_per_node if self._spans_nodes else None)
             event = call.finish((topk_idx, topk, per_rank, per_rdma, per_expert, in_rank))
             with call.on_caller():
                 outs = [to_caller(a, torch_out) for a in (per_rank, per_rdma, per_expert, in_rank)]
@@ -1039,7 +1082,11 @@ class Buffer:
             (see ``_Handle``). Cached mode returns ``(recv_x, None, None, None, None, event)``.
         """
         self._check_usable("dispatch")
-        self._check_intranode("dispatch")
+        if self._internode("dispatch"):
+            return self._internode_dispatch(
+                x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
+                config, previous_event, async_finish, allocate_on_comm_stream)
         plan = self._validate_dispatch(
             x, handle, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
             topk_weights, expert_alignment, num_worst_tokens, config)
@@ -1054,13 +1101,10 @@ class Buffer:
                     "capturing); or pass a cached handle")
             return self._run_dispatch(plan, call)
 
-    def _validate_dispatch(self, x, handle, num_tokens_per_rank, is_token_in_rank,
-                           num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
-                           num_worst_tokens, config) -> _DispatchPlan:
-        R, dev = self.group_size, self.device
-        config = self._check_config(config, "dispatch", self.get_dispatch_config)
-        C = config.num_channels
-        # x or (x, scales)
+    def _validate_x(self, x):
+        """``x`` or ``(x_fp8, x_scales)`` of a dispatch: ``(x, its name, its ArrayInfo, scales or
+        None, their ArrayInfo or None)``."""
+        dev = self.device
         scales = None
         if isinstance(x, (tuple, list)):
             if len(x) != 2:
@@ -1075,19 +1119,28 @@ class Buffer:
         T, H = x_info.shape
         if H == 0:
             raise ValueError(f"{xname}: expected hidden >= 1, got shape {list(x_info.shape)}")
-        row_bytes = H * x_info.itemsize
         scales_info = None
-        S = 0
         if scales is not None:
             scales_info = check_array(scales, "x[1] (x_scales)", dtypes=("float32", "int32"),
                                       device=dev, contiguous=False)
             if scales_info.ndim not in (1, 2) or scales_info.shape[0] != T:
                 raise ValueError(f"x[1] (x_scales): expected shape [num_tokens, num_scales] = "
                                  f"[{T}, *] or [num_tokens] = [{T}], got {list(scales_info.shape)}")
-            S = 1 if scales_info.ndim == 1 else scales_info.shape[1]
-            if S < 1:
+            if scales_info.ndim == 2 and scales_info.shape[1] < 1:
                 raise ValueError("x[1] (x_scales): expected at least one scale per token, got "
                                  f"shape {list(scales_info.shape)}")
+        return x, xname, x_info, scales, scales_info
+
+    def _validate_dispatch(self, x, handle, num_tokens_per_rank, is_token_in_rank,
+                           num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
+                           num_worst_tokens, config) -> _DispatchPlan:
+        R, dev = self.group_size, self.device
+        config = self._check_config(config, "dispatch", self.get_dispatch_config)
+        C = config.num_channels
+        x, xname, x_info, scales, scales_info = self._validate_x(x)
+        T, H = x_info.shape
+        row_bytes = H * x_info.itemsize
+        S = 0 if scales_info is None else 1 if scales_info.ndim == 1 else scales_info.shape[1]
         expert_alignment = _check_int("expert_alignment", expert_alignment, 1)
         num_worst_tokens = _check_int("num_worst_tokens", num_worst_tokens, 0)
 
@@ -1269,13 +1322,34 @@ class Buffer:
         received t, accumulated in float32 (no weighting).
         """
         self._check_usable("combine")
-        self._check_intranode("combine")
+        if self._internode("combine"):
+            return self._internode_combine(x, handle, topk_weights, bias, config, previous_event,
+                                           async_finish, allocate_on_comm_stream)
         plan = self._validate_combine(x, handle, topk_weights, bias, config)
         async_finish, allocate = self._check_events(previous_event, async_finish,
                                                     allocate_on_comm_stream)
         with self._guard():
             call = _Call(self, plan.torch_out, previous_event, async_finish, allocate)
             return self._run_combine(plan, call)
+
+    def _validate_bias(self, bias, T, H):
+        """A combine's ``bias``: None, an array or a pair; returns ``[bias0, bias1]`` (None for
+        an absent one), each checked to be BF16 ``[T, H]``."""
+        if bias is None:
+            parts = []
+        elif isinstance(bias, (tuple, list)):
+            if len(bias) > 2:
+                raise ValueError(f"bias: expected an array or a pair of arrays, got a "
+                                 f"{type(bias).__name__} of length {len(bias)}")
+            parts = list(bias)
+        else:
+            parts = [bias]
+        parts += [None] * (2 - len(parts))
+        for i, b in enumerate(parts):
+            if b is not None:
+                check_array(b, f"bias[{i}]", dtypes=("bfloat16",), shape=(T, H),
+                            desc="[num_tokens, hidden]", device=self.device)
+        return parts
 
     def _validate_combine(self, x, handle, topk_weights, bias, config) -> _CombinePlan:
         from numba_ep.kernels import intranode
@@ -1303,20 +1377,7 @@ class Buffer:
             if w_info.shape[0] != N or not 1 <= K <= MAX_TOPK:
                 raise ValueError(f"topk_weights: expected shape [num_recv_tokens, num_topk] = "
                                  f"[{N}, 1..{MAX_TOPK}], got {list(w_info.shape)}")
-        if bias is None:
-            parts = []
-        elif isinstance(bias, (tuple, list)):
-            if len(bias) > 2:
-                raise ValueError(f"bias: expected an array or a pair of arrays, got a "
-                                 f"{type(bias).__name__} of length {len(bias)}")
-            parts = list(bias)
-        else:
-            parts = [bias]
-        parts += [None] * (2 - len(parts))
-        for i, b in enumerate(parts):
-            if b is not None:
-                check_array(b, f"bias[{i}]", dtypes=("bfloat16",), shape=(T, H),
-                            desc="[num_tokens, hidden]", device=dev)
+        parts = self._validate_bias(bias, T, H)
         slots = config.num_max_nvl_chunked_recv_tokens
         if slots < intranode.MIN_RECV_SLOTS:
             raise ValueError(f"config: combine needs num_max_nvl_chunked_recv_tokens >= "
@@ -1357,6 +1418,130 @@ class Buffer:
                                  dtype=None if torch_out else p.x.dtype)
             combined_w = to_caller(out_w, torch_out)
         return combined, combined_w, event
+
+    # --------------------------------------------------------------------------- internode
+    # Ranks on several nodes (num_gpus_per_node < R). Only the CPU backend runs it so far; the
+    # arguments, checks and handle are the contract the GPU kernels will meet.
+
+    def _internode_dispatch(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                            is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                            expert_alignment, num_worst_tokens, config, previous_event,
+                            async_finish, allocate_on_comm_stream):
+        R, G = self.group_size, self.num_gpus_per_node
+        if _check_int("num_worst_tokens", num_worst_tokens, 0):
+            raise ValueError(f"num_worst_tokens: internode mode receives exactly the real count "
+                             f"(as DeepEP's); pass 0, got {num_worst_tokens}")
+        self._check_events(previous_event, async_finish, allocate_on_comm_stream)
+        config = self._check_config(config, "dispatch", self.get_dispatch_config)
+        if handle is None:
+            p = self._validate_dispatch(x, None, num_tokens_per_rank, is_token_in_rank,
+                                        num_tokens_per_expert, topk_idx, topk_weights,
+                                        expert_alignment, 0, config)
+            if num_tokens_per_rdma_rank is None:
+                raise ValueError("num_tokens_per_rdma_rank: required for a non-cached internode "
+                                 "dispatch (from get_dispatch_layout), got None")
+            check_array(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank", dtypes=("int32",),
+                        shape=(R // G,), desc="[num_nodes]", device=self.device)
+            x, scales, torch_out, in_rank = p.x, p.scales, p.torch_out, p.is_token_in_rank
+            scales_info, E, alignment = p.scales_info, p.num_experts, p.expert_alignment
+        else:
+            if topk_idx is not None or topk_weights is not None:
+                raise ValueError("topk_idx / topk_weights: must be None in cached mode (when a "
+                                 "handle is given); the handle already fixes the routing")
+            h = self._check_internode_handle(handle, "a cached dispatch")
+            x, xname, x_info, scales, scales_info = self._validate_x(x)
+            if x_info.shape[0] != h["is_token_in_rank"].shape[0]:
+                raise ValueError(f"{xname}: the handle was made for "
+                                 f"{h['is_token_in_rank'].shape[0]} tokens, got "
+                                 f"{x_info.shape[0]}")
+            torch_out, in_rank, E, alignment = x_info.kind == "torch", handle[0], None, 1
+        from numba_ep.cpu import internode
+
+        sc = device_view(scales, "x_scales")
+        if sc is not None and sc.ndim == 1:
+            sc = sc[:, None]
+        cached = handle is not None
+        with self._guard():
+            res = internode.dispatch(
+                self._context(), G, config.num_channels, device_view(x, "x"), sc,
+                None if cached else device_view(topk_idx, "topk_idx"),
+                None if cached else device_view(topk_weights, "topk_weights"),
+                device_view(in_rank, "is_token_in_rank"),
+                None if cached else device_view(num_tokens_per_expert, "num_tokens_per_expert"),
+                E, alignment)
+        recv_x = to_caller(res["recv_x"], torch_out, torch_dtype=x.dtype if torch_out else None)
+        if scales is not None:
+            out_sc = res["recv_x_scales"]  # the dtype of x_scales (float32 or int32)
+            out_sc = out_sc[:, 0] if scales_info.ndim == 1 else out_sc
+            recv_x = (recv_x, to_caller(out_sc, torch_out,
+                                        torch_dtype=scales.dtype if torch_out else None))
+        event = EventOverlap(None, torch_side=torch_out)
+        if cached:
+            return recv_x, None, None, None, None, event
+        items = [to_caller(res[k], torch_out) for k in _INTERNODE_HANDLE_ITEMS]
+        items[0] = in_rank
+        out = _InternodeHandle(items)
+        out.buffer_id, out.num_channels = self._id, config.num_channels
+        return (recv_x, to_caller(res["recv_topk_idx"], torch_out),
+                to_caller(res["recv_topk_weights"], torch_out),
+                [int(v) for v in res["num_recv_tokens_per_expert_list"]], out, event)
+
+    def _internode_combine(self, x, handle, topk_weights, bias, config, previous_event,
+                           async_finish, allocate_on_comm_stream):
+        self._check_events(previous_event, async_finish, allocate_on_comm_stream)
+        self._check_config(config, "combine", self.get_combine_config)
+        if handle is None:
+            raise ValueError("handle: combine needs the handle its dispatch returned, got None")
+        h = self._check_internode_handle(handle, "combine")
+        N, T = h["recv_src_meta"].shape[0], h["is_token_in_rank"].shape[0]
+        x_info = check_array(x, "x", dtypes=("bfloat16",), ndim=2, desc="[num_recv_tokens, hidden]",
+                             device=self.device, row_multiple=16)
+        if x_info.shape[0] != N:
+            raise ValueError(f"x: expected shape [num_recv_tokens, hidden] = [{N}, *] (rows of "
+                             f"the dispatch's recv_x), got {list(x_info.shape)}")
+        H = x_info.shape[1]
+        if topk_weights is not None:
+            w_info = check_array(topk_weights, "topk_weights", dtypes=("float32",), ndim=2,
+                                 desc="[num_recv_tokens, num_topk]", device=self.device)
+            if w_info.shape[0] != N or not 1 <= w_info.shape[1] <= MAX_TOPK:
+                raise ValueError(f"topk_weights: expected shape [num_recv_tokens, num_topk] = "
+                                 f"[{N}, 1..{MAX_TOPK}], got {list(w_info.shape)}")
+        b0, b1 = self._validate_bias(bias, T, H)
+        from numba_ep.cpu import internode
+        from numba_ep.reference import bfloat16
+
+        def bf16(a, name):
+            v = device_view(a, name)
+            return None if v is None else np.asarray(v).view(bfloat16)
+
+        torch_out = x_info.kind == "torch"
+        with self._guard():
+            combined, combined_w = internode.combine(
+                self._context(), bf16(x, "x"), device_view(topk_weights, "topk_weights"), h,
+                bf16(b0, "bias[0]"), bf16(b1, "bias[1]"))
+        out = to_caller(combined.view(np.uint16), torch_out,
+                        torch_dtype=x.dtype if torch_out else None,
+                        dtype=None if torch_out else x.dtype)
+        return (out, None if combined_w is None else to_caller(combined_w, torch_out),
+                EventOverlap(None, torch_side=torch_out))
+
+    def _check_internode_handle(self, handle, what):
+        """The 10 items of an internode dispatch handle, as host views by name."""
+        if not isinstance(handle, (tuple, list)) or len(handle) != len(_INTERNODE_HANDLE_ITEMS):
+            got = (f"a {type(handle).__name__} of length {len(handle)}"
+                   if isinstance(handle, (tuple, list)) else type(handle).__name__)
+            raise TypeError(f"handle: {what} needs the 10-item handle of an internode dispatch, "
+                            f"got {got}")
+        R, nodes = self.group_size, self.group_size // self.num_gpus_per_node
+        infos = [check_array(a, f"handle[{i}] ({name})", device=self.device, contiguous=False)
+                 for i, (name, a) in enumerate(zip(_INTERNODE_HANDLE_ITEMS, handle))]
+        T = infos[0].shape[0]
+        for i, shape in ((0, (T, R)), (4, (nodes,)), (6, (R,))):
+            if infos[i].shape != shape:
+                raise ValueError(f"handle[{i}] ({_INTERNODE_HANDLE_ITEMS[i]}): expected shape "
+                                 f"{list(shape)} for {R} ranks on {nodes} nodes, got "
+                                 f"{list(infos[i].shape)}")
+        return {name: device_view(a, name) for name, a in zip(_INTERNODE_HANDLE_ITEMS, handle)}
 
     # --------------------------------------------------------------------------- low latency
 
@@ -1843,9 +2028,22 @@ def _allocate_symmetric(group, device, nbytes, allow_mnnvl):
         raise
 
 
-def _gpus_per_node(num_ranks):
-    """GPUs per NVLink domain for the per-node layout counts (None: one node)."""
-    return MAX_RANKS if num_ranks > MAX_RANKS and num_ranks % MAX_RANKS == 0 else None
+def _resolve_gpus_per_node(group) -> int:
+    """Ranks per node (NVLink domain): env ``NUMBA_EP_GPUS_PER_NODE`` (a divisor of the rank
+    count: also to emulate several nodes on one machine); else the ranks sharing this host when
+    the group spans several hosts; else all ranks up to 8 (DeepEP's node size)."""
+    R = int(group.size)
+    env = os.environ.get("NUMBA_EP_GPUS_PER_NODE", "").strip()
+    if env:
+        G = int(env) if env.isdigit() else 0
+        if not 1 <= G <= R or R % G:
+            raise ValueError(f"NUMBA_EP_GPUS_PER_NODE: expected a divisor of the rank count {R}, "
+                             f"got {env!r}")
+        return G
+    local = int(getattr(group, "local_size", R) or R)
+    if local < R and R % local == 0:
+        return local
+    return R if R <= MAX_RANKS else MAX_RANKS
 
 
 def _check_timeout(timeout_s):

@@ -72,3 +72,18 @@ def test_low_latency_on_the_cpu(cpu_backend, nranks):
     if _has_torch():
         assert all(r["torch_diff"] == 0.0 for r in results), results
     assert sum(sum(r["moved"]) for r in results) > 0
+
+
+@pytest.mark.parametrize("nranks,gpus_per_node", [(4, 2), (6, 3), (3, 1)])
+def test_internode_on_the_cpu(cpu_backend, monkeypatch, nranks, gpus_per_node):
+    """Internode normal mode (ranks split into nodes by NUMBA_EP_GPUS_PER_NODE): the Buffer's
+    10-item handle and every output equal reference.internode_dispatch / internode_combine."""
+    monkeypatch.setenv("NUMBA_EP_GPUS_PER_NODE", str(gpus_per_node))
+    seed = secrets.randbits(31)
+    print(f"seed = {seed}")
+    results = spawn(f"{LL_WORKERS}:internode_suite", nranks, seed, timeout=300,
+                    group_timeout=200)
+    assert sum(r["received"] for r in results) > 0
+    for r in results:
+        assert len(r["refused"]) == 2
+        assert "num_worst_tokens" in r["refused"][0] and "10-item handle" in r["refused"][1]

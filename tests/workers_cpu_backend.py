@@ -135,3 +135,81 @@ def _torch_round(buf, group, seed, torch):
                                    want_all)[rank]
     got_c = combined.view(torch.int16).numpy().view(BF16)
     return ref.calc_diff(got_c.astype(np.float64), want.astype(np.float64))
+
+
+# ------------------------------------------------------------------------------------ internode
+
+def internode_suite(group, seed):
+    """Internode normal mode through the Buffer on the CPU backend (NUMBA_EP_GPUS_PER_NODE
+    splits the ranks into nodes): layout, dispatch (BF16, top-k), cached dispatch (FP8 with
+    scales), combine (weights, bias pair), each equal to numba_ep.reference; bad calls refused."""
+    from numba_ep import Buffer
+
+    R, rank = group.size, group.rank
+    Hn, E, Kn = 256, 4 * R, 4
+    rng = [np.random.default_rng([seed, r]) for r in range(R)]
+    tokens = [(0, 37, 1, 20, 64, 9)[r % 6] for r in range(R)]
+    xs = [g.standard_normal((t, Hn)).astype(np.float32).astype(BF16) for g, t in zip(rng, tokens)]
+    topks = []
+    for g, t in zip(rng, tokens):
+        k = np.argsort(g.random((t, E)), axis=1)[:, :Kn].astype(np.int64)
+        k[g.random(k.shape) < 0.2] = -1
+        topks.append(k)
+    ws = [g.random((t, Kn)).astype(np.float32) for g, t in zip(rng, tokens)]
+    cfg = Buffer.get_dispatch_config(R)
+    buf = Buffer(group, cfg.get_nvl_buffer_size_hint(Hn * 2, R), explicitly_destroy=True)
+    G = buf.num_gpus_per_node
+    assert buf.backend == "cpu" and G < R
+    C = cfg.num_channels
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topks[rank], E)
+    np.testing.assert_array_equal(per_rdma, ref.get_dispatch_layout(topks[rank], E, R, G)[1])
+
+    want = ref.internode_dispatch(xs, topks, ws, E, C, G)[rank]
+    recv_x, recv_topk, recv_w, counts, handle, event = buf.dispatch(
+        xs[rank], num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
+        is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=topks[rank],
+        topk_weights=ws[rank], config=cfg)
+    assert event.event is None and len(handle) == 10
+    np.testing.assert_array_equal(recv_x.view(np.uint16), want["recv_x"].view(np.uint16))
+    np.testing.assert_array_equal(recv_topk, want["recv_topk_idx"])
+    np.testing.assert_array_equal(recv_w, want["recv_topk_weights"])
+    assert counts == want["num_recv_tokens_per_expert_list"]
+    from numba_ep.cpu.internode import HANDLE_ITEMS
+
+    for name, item in zip(HANDLE_ITEMS, handle):
+        np.testing.assert_array_equal(item, want[name], err_msg=name)
+
+    # cached: FP8 rows and their scales follow the same routes
+    casts = [ref.per_token_cast_to_fp8(x) for x in xs]
+    want8 = ref.internode_dispatch([c[0] for c in casts], None, None, None, C, G,
+                                   x_scales=[c[1] for c in casts],
+                                   is_token_in_rank=[ref.get_dispatch_layout(t, E, R)[3]
+                                                     for t in topks])[rank]
+    x8, s8 = casts[rank]
+    (r8, rs8), *rest = buf.dispatch((x8, np.asfortranarray(s8)), handle=handle, config=cfg)
+    assert rest[:4] == [None, None, None, None]
+    np.testing.assert_array_equal(r8.view(np.uint8), want8["recv_x"].view(np.uint8))
+    np.testing.assert_array_equal(rs8, want8["recv_x_scales"])
+
+    # combine: random expert outputs, weights, a bias pair
+    ys = [np.random.default_rng([seed, r, 7]).standard_normal(
+        (int(ref.internode_dispatch(xs, topks, ws, E, C, G)[r]["num_recv_tokens"]), Hn))
+        .astype(np.float32).astype(BF16) for r in range(R)]
+    all_want = ref.internode_dispatch(xs, topks, ws, E, C, G)
+    biases = [(np.ones((t, Hn), BF16), np.full((t, Hn), 0.5, BF16)) for t in tokens]
+    want_c = ref.internode_combine(ys, all_want, [w["recv_topk_weights"] for w in all_want],
+                                   biases)[rank]
+    combined, combined_w, _ = buf.combine(ys[rank], handle, topk_weights=recv_w,
+                                          bias=biases[rank], config=Buffer.get_combine_config(R))
+    np.testing.assert_array_equal(combined.view(np.uint16), want_c[0].view(np.uint16))
+    np.testing.assert_array_equal(combined_w, want_c[1])
+
+    refused = []
+    for call in (lambda: buf.dispatch(xs[rank], handle=handle, num_worst_tokens=5),
+                 lambda: buf.combine(ys[rank], tuple(handle)[:6])):
+        try:
+            call()
+        except (ValueError, TypeError) as e:
+            refused.append(str(e))
+    buf.destroy()
+    return {"received": int(want["num_recv_tokens"]), "refused": refused}
