@@ -49,7 +49,8 @@ expected and what came in: dtypes, shapes, device (all on this rank's GPU), C-co
 may be strided), top-k at most 16, expert ids in ``[-1, num_experts)`` (a small device reduction
 and one scalar copy; skipped when ``num_worst_tokens > 0`` and under CUDA-graph capture, which must
 not synchronise), the NVLink buffer size (the bytes needed are in the message), handles made by
-another Buffer, and the rank count (1..8; more is internode mode, not implemented yet).
+another Buffer, and the rank count (1..8 per node; ranks on several nodes take internode mode,
+which only the CPU backend runs so far).
 
 Errors during a call: a ``CommTimeoutError`` (a peer did not answer within ``timeout_s``; device
 waits record it, the host raises it, at the latest at the next call) makes the Buffer unusable:
@@ -516,7 +517,8 @@ class Buffer:
             (``numba_ep.memory.nvshmem_init``, one world per process, NVSHMEM_DISABLE_NVLS=1)
             and allocates it (``SymmetricBuffer``, zero-filled). Low-latency mode uses it; size
             it with ``Buffer.get_low_latency_rdma_size_hint(M, H, R, E)`` (the largest shape
-            you will use). Internode normal mode is not implemented yet.
+            you will use). Internode normal mode (ranks on several nodes, see
+            ``num_gpus_per_node``) runs on the CPU backend only so far.
         low_latency_mode: DeepEP's switch for the low-latency API; needs ``num_rdma_bytes > 0``.
             The ``low_latency_*`` methods work whenever the NVSHMEM buffer is large enough.
         num_qps_per_rank, allow_nvlink_for_low_latency_mode, enable_shrink: stored as
