@@ -85,5 +85,6 @@ def test_internode_on_the_cpu(cpu_backend, monkeypatch, nranks, gpus_per_node):
                     group_timeout=200)
     assert sum(r["received"] for r in results) > 0
     for r in results:
+        assert r["torch"] == _has_torch()
         assert len(r["refused"]) == 2
         assert "num_worst_tokens" in r["refused"][0] and "10-item handle" in r["refused"][1]

@@ -204,6 +204,32 @@ def internode_suite(group, seed):
     np.testing.assert_array_equal(combined.view(np.uint16), want_c[0].view(np.uint16))
     np.testing.assert_array_equal(combined_w, want_c[1])
 
+    torch_ok = False
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:  # torch CPU tensors in, torch tensors out, same values
+        t_recv, t_topk, _, t_counts, t_handle, _ = buf.dispatch(
+            torch.from_numpy(xs[rank].view(np.int16)).view(torch.bfloat16),
+            num_tokens_per_rank=torch.from_numpy(per_rank),
+            num_tokens_per_rdma_rank=torch.from_numpy(per_rdma),
+            is_token_in_rank=torch.from_numpy(in_rank),
+            num_tokens_per_expert=torch.from_numpy(per_expert),
+            topk_idx=torch.from_numpy(topks[rank]), topk_weights=torch.from_numpy(ws[rank]),
+            config=cfg)
+        assert t_recv.dtype == torch.bfloat16 and isinstance(t_handle[5], torch.Tensor)
+        np.testing.assert_array_equal(t_recv.view(torch.int16).numpy().view(np.uint16),
+                                      want["recv_x"].view(np.uint16))
+        t_comb, _, _ = buf.combine(torch.from_numpy(ys[rank].view(np.int16)).view(torch.bfloat16),
+                                   t_handle, bias=tuple(torch.from_numpy(b.view(np.int16))
+                                                        .view(torch.bfloat16)
+                                                        for b in biases[rank]))
+        want_t = ref.internode_combine(ys, all_want, bias=biases)[rank][0]
+        np.testing.assert_array_equal(t_comb.view(torch.int16).numpy().view(np.uint16),
+                                      want_t.view(np.uint16))
+        torch_ok = t_counts == counts
+
     refused = []
     for call in (lambda: buf.dispatch(xs[rank], handle=handle, num_worst_tokens=5),
                  lambda: buf.combine(ys[rank], tuple(handle)[:6])):
@@ -212,4 +238,4 @@ def internode_suite(group, seed):
         except (ValueError, TypeError) as e:
             refused.append(str(e))
     buf.destroy()
-    return {"received": int(want["num_recv_tokens"]), "refused": refused}
+    return {"received": int(want["num_recv_tokens"]), "refused": refused, "torch": torch_ok}
