@@ -14,7 +14,6 @@ Buffer-level contract they will have to meet: DeepEP's 10-item handle, in this o
 Who waits on whom: both calls are collective (an all-gather over the group), in the same order
 on every rank.
 """
-import numpy as np
 
 from numba_ep import reference
 from numba_ep.cpu.intranode import _gather, _host

@@ -61,8 +61,7 @@ def notify_dispatch(ctx, num_tokens_per_rank, is_token_in_rank, num_tokens_per_e
 def wait_recv_counts(ctx, num_local_experts):
     """``(num_recv_tokens, num_recv_tokens_per_expert_list)`` of the last notify_dispatch."""
     n, per_expert = ctx.counts
-    if len(per_expert) != num_local_experts:
-        per_expert = [0] * num_local_experts  # dispatch without per-expert counts
+    assert len(per_expert) == num_local_experts, (per_expert, num_local_experts)
     return n, per_expert
 
 

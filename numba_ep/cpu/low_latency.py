@@ -22,14 +22,14 @@ class LowLatencyContext:
                  timeout_s=None):
         R = group.size
         self.group, self.rank, self.num_ranks = group, group.rank, R
-        self.num_max_dispatch_tokens_per_rank = M = num_max_dispatch_tokens_per_rank
+        self.num_max_dispatch_tokens_per_rank = num_max_dispatch_tokens_per_rank
         self.hidden, self.num_experts = hidden, num_experts
-        self.num_local_experts = L = num_experts // R
+        self.num_local_experts = num_experts // R
         self.timeout_s = timeout_s
         self.buffer_idx = 0
-        # Zero-copy send rows of each half, padded like the GPU's (H + H/128*2 elements a row).
-        self._send_rows = [np.zeros((L, R * M, hidden + hidden // 64), np.uint16)
-                           for _ in range(2)]
+        # Zero-copy send rows of each half, padded like the GPU's (H + H/128*2 elements a row);
+        # made on the first next_combine_buffer (at DeepSeek sizes they are ~0.5 GB each).
+        self._send_rows = [None, None]
 
     def check(self):
         """Nothing can time out on the CPU (the all-gathers have the group's own timeout)."""
@@ -40,7 +40,8 @@ def clean_low_latency_buffer(ctx, stream=None):
     ctx.group.barrier()
     ctx.buffer_idx = 0
     for rows in ctx._send_rows:
-        rows[...] = 0
+        if rows is not None:
+            rows[...] = 0
 
 
 def _done_hook(what, return_recv_hook):
@@ -76,7 +77,12 @@ def low_latency_dispatch(ctx, x, topk_idx, use_fp8=True, round_scale=False, use_
 
 def next_combine_buffer(ctx):
     """The zero-copy send rows of the next call: a uint16 view ``[L, R*M, H]`` (padded rows)."""
-    return ctx._send_rows[ctx.buffer_idx][:, :, :ctx.hidden]
+    h = ctx.buffer_idx
+    if ctx._send_rows[h] is None:
+        L, RM, H = ctx.num_local_experts, ctx.num_ranks * ctx.num_max_dispatch_tokens_per_rank, \
+            ctx.hidden
+        ctx._send_rows[h] = np.zeros((L, RM, H + H // 64), np.uint16)
+    return ctx._send_rows[h][:, :, :ctx.hidden]
 
 
 def low_latency_combine(ctx, x, topk_idx, topk_weights, src_info, layout_range, use_logfmt=False,
