@@ -407,8 +407,11 @@ def compile_to_cache(factory, sig, *, lineinfo=False, max_registers=None, launch
                      fastmath=False, cc=None, **constants) -> bool:
     """Put the cubin ``get_kernel`` would load for these arguments into ``cache_dir()``, without
     loading it: no module is created, so kernels that link NVSHMEM need no NVSHMEM runtime
-    here, and with ``cc`` given no GPU either. For compiling ahead of time, e.g. in parallel
-    processes before the ranks of a job start. Returns True if it compiled (False: cached)."""
+    here. ``cc`` (default: the current device's) picks the target; numba itself still asks for
+    a current device while compiling (on a CPU-only machine the tests patch
+    ``numba.cuda.dispatcher.get_current_device``). For compiling ahead of time, e.g. in
+    parallel processes before the ranks of a job start. Returns True if it compiled (False:
+    it was cached)."""
     key = _kernel_key(factory, parse_signature(sig), lineinfo, max_registers, launch_bounds,
                       fastmath, cc, constants)
     meta_path = cache_dir() / f"{key.digest(nvshmem=False)}.json"
