@@ -24,9 +24,9 @@ outputs with the same dtypes; torch callers use ``torch.bfloat16`` / ``torch.flo
 row is a multiple of 16 bytes; combine needs BF16.
 
 Without a GPU (or with ``NUMBA_EP_BACKEND=cpu``) the Buffer runs on the CPU backend: NumPy arrays
-or torch CPU tensors in and out, every call synchronous (empty events), each kernel entry point answered by
-``numba_ep.cpu`` (the NumPy reference over all-gathers between the ranks). Everything above the
-kernels (checks, handles, configs, size checks) is the same code as on the GPU.
+or torch CPU tensors in and out, every call synchronous (empty events), each kernel entry point
+answered by ``numba_ep.cpu`` (the NumPy reference over all-gathers between the ranks). Everything
+above the kernels (checks, handles, configs, size checks) is the same code as on the GPU.
 
 Streams and events (the same for every call)
 --------------------------------------------
