@@ -177,6 +177,10 @@ _INTERNODE_HANDLE_ITEMS = (
     "send_rdma_head", "send_nvl_head")
 
 
+#: ``Buffer._ll_active`` after internode use: the NVSHMEM buffer holds internode flags
+_INTERNODE_ACTIVE = "internode"
+
+
 class _InternodeHandle(tuple):
     """DeepEP's internode dispatch handle, a 10-tuple (see ``numba_ep.cpu.internode``)::
 
@@ -867,15 +871,15 @@ class Buffer:
         return self.num_gpus_per_node < self.group_size
 
     def _internode(self, what) -> bool:
-        """True: this call takes internode normal mode (the CPU backend only, so far)."""
+        """True: this call takes internode normal mode (``numba_ep.kernels.internode``)."""
         if self._spans_nodes:
-            if self._cpu:
-                return True
-            raise NotImplementedError(
-                f"{what}: {self.group_size} ranks over nodes of {self.num_gpus_per_node} need "
-                f"internode normal mode, whose GPU kernels are not implemented yet (issue: "
-                f"internode; the CPU backend runs it); intranode mode supports 1..{MAX_RANKS} "
-                f"ranks on one node")
+            if not self._cpu and self._sym is None:
+                raise ValueError(
+                    f"num_rdma_bytes: {what} over {self.group_size} ranks on nodes of "
+                    f"{self.num_gpus_per_node} GPUs takes internode mode, which needs the NVSHMEM "
+                    f"buffer; construct the Buffer with num_rdma_bytes > 0 (internode dispatch "
+                    f"says how many bytes it needs), got 0")
+            return True
         if self.group_size > MAX_RANKS:
             raise NotImplementedError(
                 f"{what}: intranode mode supports 1..{MAX_RANKS} ranks, got {self.group_size} "
@@ -1457,12 +1461,18 @@ class Buffer:
                                  f"{h['is_token_in_rank'].shape[0]} tokens, got "
                                  f"{x_info.shape[0]}")
             torch_out, in_rank, E, alignment = x_info.kind == "torch", handle[0], None, 1
+        cached = handle is not None
+        if not self._cpu:
+            return self._internode_dispatch_gpu(
+                x, scales, scales_info, torch_out, in_rank, handle,
+                None if cached else topk_idx, None if cached else topk_weights,
+                None if cached else num_tokens_per_expert, E, alignment, config,
+                previous_event, async_finish, allocate_on_comm_stream)
         from numba_ep.cpu import internode
 
         sc = device_view(scales, "x_scales")
         if sc is not None and sc.ndim == 1:
             sc = sc[:, None]
-        cached = handle is not None
         with self._guard():
             res = internode.dispatch(
                 self._context(), G, config.num_channels, device_view(x, "x"), sc,
@@ -1509,6 +1519,10 @@ class Buffer:
                 raise ValueError(f"topk_weights: expected shape [num_recv_tokens, num_topk] = "
                                  f"[{N}, 1..{MAX_TOPK}], got {list(w_info.shape)}")
         b0, b1 = self._validate_bias(bias, T, H)
+        if not self._cpu:
+            return self._internode_combine_gpu(x, x_info, handle, h, topk_weights, b0, b1,
+                                               previous_event, async_finish,
+                                               allocate_on_comm_stream)
         from numba_ep.cpu import internode
         from numba_ep.reference import bfloat16
 
@@ -1526,6 +1540,139 @@ class Buffer:
                         dtype=None if torch_out else x.dtype)
         return (out, None if combined_w is None else to_caller(combined_w, torch_out),
                 EventOverlap(None, torch_side=torch_out))
+
+    def _internode_context(self):
+        """The InternodeContext of this Buffer (created on first use). The first internode call
+        after construction or after low-latency use zeroes the header of the NVSHMEM buffer
+        between two NVSHMEM barriers (collective, like every internode call)."""
+        from numba_ep.kernels import internode
+
+        ctx = getattr(self, "_ictx", None)
+        if ctx is None:
+            ctx = self._ictx = internode.InternodeContext(
+                self._sym, self.rank, self.group_size, self.num_gpus_per_node,
+                timeout_s=self.timeout_s)
+        if self._ll_active != _INTERNODE_ACTIVE:
+            import nvshmem.bindings as nvb
+
+            from numba_ep.launch import stream_handle
+
+            h = stream_handle(self._comm_stream)
+            nvb.barrier_all_on_stream(h)
+            hdr = internode.header(self.group_size, ctx.num_nodes)["bytes"]
+            import cupy
+
+            cupy.cuda.runtime.memsetAsync(ctx.base, 0, hdr, self._comm_stream.ptr)
+            nvb.barrier_all_on_stream(h)
+            self._ll_active = _INTERNODE_ACTIVE
+            self._ll_pending = None
+        return ctx
+
+    def _internode_dispatch_gpu(self, x, scales, scales_info, torch_out, in_rank, handle,
+                                topk_idx, topk_weights, num_tokens_per_expert, E, alignment,
+                                config, previous_event, async_finish, allocate):
+        from numba_ep.kernels import internode
+
+        xp = _xp(self)
+        R, G = self.group_size, self.num_gpus_per_node
+        C = config.num_channels
+        cached = handle is not None
+        with self._guard():
+            call = _Call(self, torch_out, previous_event, async_finish, allocate)
+            with call.on_caller():
+                x_b = bytes_view(x, "x")
+                sc = None
+                if scales is not None:
+                    sc = device_view(scales, "x_scales")
+                    if sc.dtype != np.float32:
+                        sc = sc.view(np.float32)   # int32 UE8M0 words travel as raw 32 bits
+                    if sc.ndim == 1:
+                        sc = sc[:, None]
+                topk = device_view(topk_idx, "topk_idx")
+                weights = device_view(topk_weights, "topk_weights")
+                in_rank_d = device_view(in_rank, "is_token_in_rank")
+                per_expert = device_view(num_tokens_per_expert, "num_tokens_per_expert")
+            call.begin()
+            if topk is not None and not call.capturing:
+                with call.on_comm():
+                    check_expert_ids(topk, E, "topk_idx")
+            ctx = self._internode_context()
+            E_meta = 0 if cached or (topk is None and per_expert is None) else E
+            T, K = x_b.shape[0], 0 if topk is None else topk.shape[1]
+            with call.alloc():
+                prefixes = internode.notify(ctx, in_rank_d, per_expert, E_meta, C, alignment,
+                                            call.comm)
+                num_recv, num_rdma, max_tokens, per_expert_list = internode.wait_counts(
+                    ctx, E_meta // R)
+                recv_x_b = xp.empty((num_recv, x_b.shape[1]), dtype=np.uint8)
+                recv_sc = (xp.empty((num_recv, sc.shape[1]), dtype=np.float32)
+                           if sc is not None else None)
+                recv_topk = xp.empty((num_recv, K), dtype=np.int64) if topk is not None else None
+                recv_w = xp.empty((num_recv, K), dtype=np.float32) if topk is not None else None
+                recv_meta = xp.empty((num_recv, 2), dtype=np.int32)
+                rdma_head = xp.empty((T, R // G), dtype=np.int32)
+                nvl_head = xp.empty((num_rdma, G), dtype=np.int32)
+            internode.dispatch(ctx, x_b, sc, topk, weights, in_rank_d, prefixes, max_tokens,
+                               E_meta, C, recv_x_b, recv_sc, recv_topk, recv_w, recv_meta,
+                               rdma_head, nvl_head, call.comm)
+            event = call.finish((x, scales, topk_idx, topk_weights, in_rank,
+                                 num_tokens_per_expert, x_b, sc, topk, weights, in_rank_d,
+                                 per_expert, *prefixes, recv_x_b, recv_sc, recv_topk, recv_w,
+                                 recv_meta, rdma_head, nvl_head))
+            with call.on_caller():
+                recv_x = to_caller(recv_x_b, torch_out,
+                                   torch_dtype=x.dtype if torch_out else None,
+                                   dtype=None if torch_out else x.dtype)
+                if recv_sc is not None:
+                    out_sc = recv_sc[:, 0] if scales_info.ndim == 1 else recv_sc
+                    sdt = scales.dtype
+                    recv_x = (recv_x, to_caller(out_sc, torch_out,
+                                                torch_dtype=sdt if torch_out else None,
+                                                dtype=None if torch_out else sdt))
+                if cached:
+                    return recv_x, None, None, None, None, event
+                dev = (in_rank_d, *prefixes, recv_meta, rdma_head, nvl_head)
+                items = [in_rank] + [to_caller(a, torch_out) for a in dev[1:]]
+                out = _InternodeHandle(items)
+                out.buffer_id, out.num_channels, out.max_tokens = self._id, C, max_tokens
+                out.dev = dict(zip(_INTERNODE_HANDLE_ITEMS, dev))
+                return (recv_x, to_caller(recv_topk, torch_out), to_caller(recv_w, torch_out),
+                        per_expert_list if E_meta else [], out, event)
+
+    def _internode_combine_gpu(self, x, x_info, handle, h, topk_weights, b0, b1,
+                               previous_event, async_finish, allocate):
+        from numba_ep.kernels import internode
+
+        xp = _xp(self)
+        max_tokens = getattr(handle, "max_tokens", None)
+        if max_tokens is None or getattr(handle, "buffer_id", None) != self._id:
+            raise ValueError("handle: a GPU internode combine needs the handle object this "
+                             "Buffer's dispatch returned (it carries the batch's largest token "
+                             f"count), got a {type(handle).__name__}")
+        torch_out = x_info.kind == "torch"
+        T, H = h["is_token_in_rank"].shape[0], x_info.shape[1]
+        C = h["gbl_channel_prefix_matrix"].shape[1]
+        with self._guard():
+            call = _Call(self, torch_out, previous_event, async_finish, allocate)
+            with call.on_caller():
+                xv = _as_u16(device_view(x, "x"))
+                w = device_view(topk_weights, "topk_weights")
+                bias0 = _as_u16(device_view(b0, "bias[0]"))
+                bias1 = _as_u16(device_view(b1, "bias[1]"))
+            ctx = self._internode_context()
+            call.begin()
+            with call.alloc():
+                out = xp.empty((T, H), dtype=np.uint16)
+                out_w = xp.empty((T, w.shape[1]), dtype=np.float32) if w is not None else None
+            internode.combine(ctx, xv, w, handle.dev, max_tokens, bias0, bias1, out, out_w, C,
+                              call.comm)
+            event = call.finish((x, topk_weights, b0, b1, xv, w, bias0, bias1, out, out_w,
+                                 *handle.dev.values()))
+            with call.on_caller():
+                combined = to_caller(out, torch_out, torch_dtype=x.dtype if torch_out else None,
+                                     dtype=None if torch_out else x.dtype)
+                combined_w = to_caller(out_w, torch_out)
+        return combined, combined_w, event
 
     def _check_internode_handle(self, handle, what):
         """The 10 items of an internode dispatch handle, as host views by name."""
@@ -1780,6 +1927,10 @@ class Buffer:
         """The NVSHMEM buffer is laid out for one shape at a time, and (``hooks``) a receive
         hook must run before the next low-latency call."""
         active = self._ll_active
+        if active == _INTERNODE_ACTIVE:
+            raise ValueError(
+                f"{what}: the NVSHMEM buffer was last used by internode dispatch/combine; call "
+                f"clean_low_latency_buffer({M}, {H}, {E}) on every rank first")
         if active is not None and active != (M, H, E):
             raise ValueError(
                 f"{what}: the low-latency buffer is in use for num_max_dispatch_tokens_per_rank="

@@ -141,16 +141,25 @@ class Config:
             num_scales=_ceil_div(hidden_bytes, 128))
         return _ceil_div(int(nbytes), 128) * 128
 
-    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Bytes of RDMA (NVSHMEM) buffer the normal kernels need: 0 for ``num_ranks <= 8``
-        (intranode mode uses NVLink only). Internode mode is not implemented yet."""
-        _int("hidden_bytes", hidden_bytes, 1)
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int,
+                                  num_max_tokens: int = 4096, num_gpus_per_node: int = 8) -> int:
+        """Bytes of RDMA (NVSHMEM) buffer per rank the normal kernels need: 0 when the ranks fit
+        in one node (``num_ranks <= num_gpus_per_node``: intranode mode uses NVLink only).
+        Across nodes, the worst case of ``numba_ep.kernels.internode.rdma_size_hint`` for up to
+        ``num_max_tokens`` tokens per rank (beyond DeepEP's signature, whose ring buffers do not
+        grow with the batch; numba_ep's internode regions do)."""
+        hidden_bytes = _int("hidden_bytes", hidden_bytes, 1)
         num_ranks = _int("num_ranks", num_ranks, 1)
-        if num_ranks <= MAX_INTRANODE_RANKS:
+        num_max_tokens = _int("num_max_tokens", num_max_tokens, 1)
+        num_gpus_per_node = _int("num_gpus_per_node", num_gpus_per_node, 1)
+        if num_ranks <= num_gpus_per_node:
             return 0
-        raise NotImplementedError(
-            f"internode normal mode ({num_ranks} ranks > {MAX_INTRANODE_RANKS}) is not implemented "
-            "yet (issue: internode); intranode mode supports 1..8 ranks")
+        if num_ranks % num_gpus_per_node:
+            raise ValueError(f"num_gpus_per_node: expected a divisor of num_ranks={num_ranks}, "
+                             f"got {num_gpus_per_node}")
+        from numba_ep.kernels.internode import rdma_size_hint
+
+        return rdma_size_hint(num_max_tokens, hidden_bytes, num_ranks, num_gpus_per_node)
 
 
 def _check_ranks(num_ranks):

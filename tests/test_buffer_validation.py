@@ -245,10 +245,11 @@ def test_device_mismatch_is_named(kernels, inp):
 
 
 def test_rank_counts_beyond_a_node(kernels, inp):
+    # 16 ranks are 2 nodes of 8: internode mode, which needs the NVSHMEM buffer
     buf = host_buffer(size=16)
-    raises(NotImplementedError, lambda: buf.dispatch(inp.x, **dispatch_kwargs(inp)),
-           "internode", "1..8")
-    raises(NotImplementedError, lambda: buf.combine(inp.x, fake_handle(R=16)), "internode")
+    raises(ValueError, lambda: buf.dispatch(inp.x, **dispatch_kwargs(inp)),
+           "num_rdma_bytes", "internode")
+    raises(ValueError, lambda: buf.combine(inp.x, fake_handle(R=16)), "num_rdma_bytes")
     assert kernels == []
 
 

@@ -187,8 +187,14 @@ def test_rdma_hint():
     c = Config()
     for r in range(1, 9):
         assert c.get_rdma_buffer_size_hint(7168 * 2, r) == 0
-    with pytest.raises(NotImplementedError, match="internode"):
-        c.get_rdma_buffer_size_hint(7168 * 2, 16)
+    # across nodes: the worst case of the internode regions, growing with tokens and ranks
+    h = c.get_rdma_buffer_size_hint(7168 * 2, 16)
+    assert h > 4096 * 7168 * 2 * 16 and h % 128 == 0
+    assert c.get_rdma_buffer_size_hint(7168 * 2, 16, num_max_tokens=128) < h
+    assert c.get_rdma_buffer_size_hint(7168 * 2, 4, num_gpus_per_node=2) > 0
+    assert c.get_rdma_buffer_size_hint(7168 * 2, 4, num_gpus_per_node=4) == 0
+    with pytest.raises(ValueError, match="divisor"):
+        c.get_rdma_buffer_size_hint(7168 * 2, 6, num_gpus_per_node=4)
 
 
 def test_low_latency_hint_delegates_to_reference():

@@ -35,6 +35,10 @@ KERNEL_NAMES = {
     6: "low_latency_dispatch",
     7: "low_latency_combine",
     8: "test",
+    9: "internode_notify",
+    10: "internode_dispatch",
+    11: "internode_combine",
+    12: "internode_sync",
 }
 KERNEL_IDS = {v: k for k, v in KERNEL_NAMES.items()}
 
