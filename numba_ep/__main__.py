@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     d.add_argument("--mpi", action="store_true", help="one rank per MPI process (under mpirun)")
     d.add_argument("--cpu", action="store_true", help="force the CPU path (simulator + reference)")
     b = sub.add_parser("bench", help="GPU benchmarks")
-    b.add_argument("name", choices=["launch", "layout", "intranode", "low-latency"])
+    b.add_argument("name", choices=["launch", "layout", "intranode", "internode", "low-latency"])
     b.add_argument("--json", default=None, help="write results to this JSON file")
     b.add_argument("--ranks", type=int, default=None)
     sub.add_parser("selftest", help="run the GPU tests with pytest")

@@ -9,6 +9,7 @@ count (the GPU keeps up, so this is the host cost of one launch).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 
@@ -159,6 +160,9 @@ def main(name, json_path=None, ranks=None) -> int:
         unit = "us"
     elif name == "intranode":
         rows = bench_intranode(ranks)
+        unit = "mixed (see row names)"
+    elif name == "internode":
+        rows = bench_internode(ranks)
         unit = "mixed (see row names)"
     elif name == "low-latency":
         rows = bench_low_latency(ranks)
@@ -447,6 +451,103 @@ DEEPEP_V1_INTRANODE = {
     8: {"DeepEP V1 EP8 H800: dispatch FP8 / combine, GB/s": "153 / 158",
         "third-party DeepEP 8xH100: dispatch BF16 / combine, logical GB/s": "329 / 287"},
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# bench internode: dispatch BF16 / FP8 and combine in internode mode. One host plays several
+# nodes (NUMBA_EP_GPUS_PER_NODE), so the "RDMA" traffic between them is NVSHMEM puts carried by
+# NVLink: the numbers test the code path and its overheads, not a network.
+# ---------------------------------------------------------------------------------------------
+
+#: DeepEP V1's README internode figures (H800 + CX7 400 Gb/s IB, ~50 GB/s per NIC), by ranks
+DEEPEP_V1_INTERNODE = {
+    16: {"DeepEP V1 16 ranks (2 nodes) H800: dispatch / combine, RDMA GB/s": "43 / 43"},
+    32: {"DeepEP V1 32 ranks (4 nodes) H800: dispatch / combine, RDMA GB/s": "58 / 57"},
+}
+
+
+def internode_rank(group, num_tokens=4096, hidden=7168, num_topk=8, num_experts=256,
+                   num_sms=24):
+    """One rank of ``bench internode``: DeepEP's test_internode measurement (cached dispatch
+    BF16 and FP8, combine BF16; RDMA GB/s = rows sent to other nodes, once per node, x row
+    bytes / time; NVL GB/s = rows received x row bytes / time)."""
+    import cupy as cp
+
+    from numba_ep.buffer import Buffer
+    from numba_ep.config import Config
+    from numba_ep.demo import _random_topk
+
+    R, rank = group.size, group.rank
+    rng = np.random.default_rng(4321 + rank)
+    topk_np = _random_topk(rng, num_tokens, num_experts, num_topk, drop=0.0)
+    cfg = Config(num_sms, 8, 256)
+    G = int(os.environ["NUMBA_EP_GPUS_PER_NODE"])
+    rdma_bytes = cfg.get_rdma_buffer_size_hint(hidden * 2, R, num_max_tokens=num_tokens,
+                                               num_gpus_per_node=G)
+    buf = Buffer(group, cfg.get_nvl_buffer_size_hint(hidden * 2, R),
+                 num_rdma_bytes=(rdma_bytes + 127) // 128 * 128, explicitly_destroy=True)
+    rows = {}
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        x = cp.asarray(rng.standard_normal((num_tokens, hidden), dtype=np.float32))
+        x_bf16 = (x.view(cp.uint32) >> 16).astype(cp.uint16)
+        x_fp8 = cp.asarray(rng.integers(0, 0x70, size=(num_tokens, hidden), dtype=np.uint8))
+        scales = cp.asarray(rng.random((num_tokens, hidden // 128), dtype=np.float32))
+        topk = cp.asarray(topk_np)
+        weights = cp.asarray(rng.random((num_tokens, num_topk), dtype=np.float32))
+        per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk, num_experts)
+        recv_x, _, _, _, handle, _ = buf.dispatch(
+            x_bf16, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
+            is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=topk,
+            topk_weights=weights, config=cfg)
+        node = rank // G
+        rdma_rows = int(cp.asnumpy(per_rdma).sum() - int(per_rdma[node]))
+        n_recv = recv_x.shape[0]
+        times = intranode_times(buf, group, stream, handle, recv_x, x_bf16, x_fp8, scales, cfg,
+                                cfg, graph=False)
+        bf16_row, fp8_row = hidden * 2, hidden + hidden // 128 * 4
+        for name, row in (("dispatch BF16", bf16_row), ("dispatch FP8", fp8_row),
+                          ("combine BF16", bf16_row)):
+            tm = times[name]
+            t = tm["pipelined"]
+            rows[f"{name}, us (back-to-back calls, DeepEP's method)"] = t
+            rows[f"{name}, us (one call after a barrier)"] = tm["isolated"]
+            rows[f"{name}, host us per call"] = tm["host"]
+            rows[f"{name}, RDMA (to other nodes) GB/s"] = rdma_rows * row / t / 1e3
+            rows[f"{name}, NVL (received rows) GB/s"] = n_recv * row / t / 1e3
+        rows["rows sent to other nodes (once per node)"] = float(rdma_rows)
+        rows["received rows"] = float(n_recv)
+    group.barrier()
+    buf.destroy()
+    return rows
+
+
+def bench_internode(ranks=None, gpus_per_node=None):
+    """Spawn one rank per local GPU (or ``ranks``), split into nodes of ``gpus_per_node``
+    (default: env NUMBA_EP_GPUS_PER_NODE, else half the ranks: two nodes)."""
+    from numba_ep.group import gpu_count
+    from numba_ep.group import spawn
+
+    n = ranks or gpu_count()
+    g = gpus_per_node or int(os.environ.get("NUMBA_EP_GPUS_PER_NODE", 0)) or max(1, n // 2)
+    if n < 2 or n % g or g >= n:
+        raise ValueError(f"bench internode: {n} ranks cannot form several nodes of {g} GPUs")
+    saved = os.environ.get("NUMBA_EP_GPUS_PER_NODE")
+    os.environ["NUMBA_EP_GPUS_PER_NODE"] = str(g)   # the spawned ranks inherit it
+    try:
+        results = spawn(internode_rank, n, timeout=900)
+    finally:
+        if saved is None:
+            os.environ.pop("NUMBA_EP_GPUS_PER_NODE")
+        else:
+            os.environ["NUMBA_EP_GPUS_PER_NODE"] = saved
+    rows = {"ranks": float(n), "layout": f"{n // g} nodes x {g} GPUs, one host (NVSHMEM puts "
+                                         "between nodes carried by NVLink)"}
+    for k in results[0]:
+        vals = [r[k] for r in results]
+        rows[k] = statistics.mean(vals) if "GB/s" in k or "rows" in k else max(vals)
+    rows.update(DEEPEP_V1_INTERNODE.get(n, {f"DeepEP V1 published {n} ranks": "none"}))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------

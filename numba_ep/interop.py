@@ -298,6 +298,9 @@ def bytes_view(a, name="array"):
 
         if not a.is_contiguous():
             raise ValueError(f"{name}: expected a C-contiguous tensor")
+        if a.numel() == 0:  # torch may give an empty tensor any strides, which .view refuses
+            return device_view(a.new_empty((a.shape[0], a.shape[1] * a.element_size()),
+                                           dtype=torch.uint8), name)
         return device_view(a.detach().view(torch.uint8), name)
     v = device_view(a, name)
     if not v.flags.c_contiguous:

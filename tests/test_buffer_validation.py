@@ -677,6 +677,15 @@ def test_bf16_and_fp8_carriers_on_the_host():
            "bfloat16 (CuPy: uint16)", "int16")
 
 
+def test_bytes_view_of_an_empty_torch_tensor():
+    """A rank with no tokens: torch gives empty tensors arbitrary strides, which .view(uint8)
+    refuses; bytes_view still returns [0, row_bytes] (found by the internode GPU test)."""
+    torch = pytest.importorskip("torch")
+    t = torch.empty_strided((0, 512), (0, 0), dtype=torch.bfloat16)
+    b = bytes_view(t, "x")
+    assert b.shape == (0, 1024) and b.dtype == np.uint8
+
+
 def test_to_caller_torch_views_on_the_host():
     """to_caller's torch branch (DLPack from a NumPy stand-in for CuPy): BF16 rows travel as bytes
     and come back as bfloat16, bool as bytes viewed back, other dtypes as themselves."""
