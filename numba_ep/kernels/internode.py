@@ -553,11 +553,11 @@ def make_dispatch(num_ranks, num_gpus_per_node, num_channels, num_experts, row_b
             while t < t1:
                 rec = base + uint64(send_off + int64(t) * REC)
                 copy_row(rec, x_addr + uint64(int64(t) * Hb), Hb // 16, lane, True, UNROLL)
-                i = lane
-                while i < S:   # S = H / 128 may exceed a warp
-                    ptx.ptr_u32(rec + uint64(OFF_S))[i] = ptx.ptr_u32(sc_addr)[
-                        int64(t) * s0 + int64(i) * s1]
-                    i += 32
+                sc = lane
+                while sc < S:   # S = H / 128 may exceed a warp
+                    ptx.ptr_u32(rec + uint64(OFF_S))[sc] = ptx.ptr_u32(sc_addr)[
+                        int64(t) * s0 + int64(sc) * s1]
+                    sc += 32
                 if lane < K:
                     ptx.ptr_i32(rec + uint64(OFF_K))[lane] = int32(
                         ptx.ptr_i64(topk_addr)[int64(t) * K + lane])
@@ -628,11 +628,11 @@ def make_dispatch(num_ranks, num_gpus_per_node, num_channels, num_experts, row_b
                         if cnt >= 0 and row < num_recv:
                             copy_row(out_x + uint64(int64(row) * Hb), rec, Hb // 16, lane, True,
                                      UNROLL)
-                            i = lane
-                            while i < S:
-                                ptx.ptr_u32(out_sc)[int64(row) * S + i] = ptx.ld_volatile_u32(
-                                    rec + uint64(OFF_S + 4 * i))
-                                i += 32
+                            sc = lane   # (not i: that is the forwarder loop's index)
+                            while sc < S:
+                                ptx.ptr_u32(out_sc)[int64(row) * S + sc] = ptx.ld_volatile_u32(
+                                    rec + uint64(OFF_S + 4 * sc))
+                                sc += 32
                             if lane < K and out_topk != 0:
                                 e = ptx.ld_volatile_i32(rec + uint64(OFF_K + 4 * lane))
                                 le = int64(-1)
