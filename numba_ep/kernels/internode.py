@@ -96,7 +96,7 @@ from numba import cuda, float32, int32, int64, uint32, uint64
 
 from numba_ep.interop import address
 from numba_ep.kernels import ptx
-from numba_ep.kernels.intranode import _add_bf16x8, _ld16, channel_range, copy_row
+from numba_ep.kernels.intranode import channel_range, copy_row
 from numba_ep.kernels.waits import KERNEL_IDS, record_timeout, timed_out
 
 THREADS = 512               # 16 warps per block
@@ -105,7 +105,6 @@ MAX_CHANNELS = 64           # flag arrays are sized for this many channels
 MAX_LOCAL_EXPERTS = 1024
 MAX_GPUS_PER_NODE = 32      # a node's GPUs fit in one warp (ballots, lane-per-GPU loads)
 UNROLL = 8                  # 16-byte loads in flight per lane in row copies
-ACC_UNROLL = 4              # ... and per source row in combine's sums (registers: 48 a lane)
 FULL = 0xFFFFFFFF
 
 _NOTIFY = KERNEL_IDS["internode_notify"]
@@ -202,39 +201,25 @@ def wait_epoch(addr, epoch, timeout_ns, err_addr, kernel_id, rank, peer, channel
 
 
 @cuda.jit(device=True, inline=True)
-def _zero(acc):
-    for u in range(ACC_UNROLL):
-        for e in range(8):
-            acc[u, e] = float32(0)
+def _add8(acc, a, b, c, d):
+    lo, hi = ptx.bf16x2_to_f32x2(a)
+    acc[0] += lo
+    acc[1] += hi
+    lo, hi = ptx.bf16x2_to_f32x2(b)
+    acc[2] += lo
+    acc[3] += hi
+    lo, hi = ptx.bf16x2_to_f32x2(c)
+    acc[4] += lo
+    acc[5] += hi
+    lo, hi = ptx.bf16x2_to_f32x2(d)
+    acc[6] += lo
+    acc[7] += hi
 
 
 @cuda.jit(device=True, inline=True)
-def _add_row(acc, vals, src, j0, h16, nc):
-    """acc[u] += the eight bf16 values of 16-byte chunk ``j0 + 32u`` of the row at ``src``, for
-    u < ACC_UNROLL: all loads first, so that ACC_UNROLL of them are in flight per lane (a remote
-    row over NVLink costs a microsecond of latency per round)."""
-    for u in range(ACC_UNROLL):
-        j = j0 + 32 * u
-        if j < h16:
-            a0, a1, a2, a3 = _ld16(src + uint64(j * 16), nc)
-            vals[u, 0] = a0
-            vals[u, 1] = a1
-            vals[u, 2] = a2
-            vals[u, 3] = a3
-    for u in range(ACC_UNROLL):
-        if j0 + 32 * u < h16:
-            _add_bf16x8(acc, u, vals[u, 0], vals[u, 1], vals[u, 2], vals[u, 3])
-
-
-@cuda.jit(device=True, inline=True)
-def _store_row(dst, acc, j0, h16):
-    for u in range(ACC_UNROLL):
-        j = j0 + 32 * u
-        if j < h16:
-            ptx.st_na_v4(dst + uint64(j * 16), ptx.cvt_bf16x2(acc[u, 0], acc[u, 1]),
-                         ptx.cvt_bf16x2(acc[u, 2], acc[u, 3]),
-                         ptx.cvt_bf16x2(acc[u, 4], acc[u, 5]),
-                         ptx.cvt_bf16x2(acc[u, 6], acc[u, 7]))
+def _store8(addr, acc):
+    ptx.st_na_v4(addr, ptx.cvt_bf16x2(acc[0], acc[1]), ptx.cvt_bf16x2(acc[2], acc[3]),
+                 ptx.cvt_bf16x2(acc[4], acc[5]), ptx.cvt_bf16x2(acc[6], acc[7]))
 
 
 @cuda.jit(device=True, inline=True)
@@ -396,7 +381,7 @@ def make_notify(num_ranks, num_gpus_per_node, num_channels, num_experts):
             r += THREADS
         host = ptx.ptr_i32(host_addr)
         e = tid
-        while e < L and host_addr != 0:
+        while e < L:
             n = int32(0)
             if per_expert_addr != 0:
                 for s in range(R):
@@ -424,11 +409,10 @@ def make_notify(num_ranks, num_gpus_per_node, num_channels, num_experts):
             tmax = int32(0)
             for s in range(R):
                 tmax = max(tmax, ptx.ptr_i32(all_meta + uint64(4 * s * META_WORDS))[0])
-            if host_addr != 0:
-                host[1] = racc
-                host[2] = tmax
-                ptx.fence_acq_rel_sys()
-                ptx.st_release_sys_i32(host_addr, acc)
+            host[1] = racc
+            host[2] = tmax
+            ptx.fence_acq_rel_sys()
+            ptx.st_release_sys_i32(host_addr, acc)
 
     return notify
 
@@ -690,8 +674,7 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
         warp = tid >> 5
         last = cuda.shared.array(1, int32)
         srcs = cuda.shared.array((WARPS, MAX_GPUS_PER_NODE), uint64)
-        acc = cuda.local.array((ACC_UNROLL, 8), float32)
-        vals = cuda.local.array((ACC_UNROLL, 4), uint32)
+        acc = cuda.local.array(8, float32)
         peers = ptx.ptr_u64(peers_addr)
         node = rank // G
         gpu = rank - node * G
@@ -761,15 +744,17 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
                         dst = base + uint64(cred_off + (int64(node) * max_tokens + k) * CREC)
                     else:
                         dst = base + uint64(csend_off + (int64(a) * max_tokens + k) * CREC)
-                    j0 = lane
-                    while j0 < H16:
-                        _zero(acc)
+                    j = lane
+                    while j < H16:
+                        for u in range(8):
+                            acc[u] = float32(0)
                         for g in range(G):
                             sg = srcs[warp, g]
                             if sg != 0:
-                                _add_row(acc, vals, sg, j0, H16, True)
-                        _store_row(dst, acc, j0, H16)
-                        j0 += 32 * ACC_UNROLL
+                                a0, a1, a2, a3 = ptx.ld_nc_v4(sg + uint64(j * 16))
+                                _add8(acc, a0, a1, a2, a3)
+                        _store8(dst + uint64(j * 16), acc)
+                        j += 32
                     if lane < K:
                         wsum = float32(0)
                         for g in range(G):
@@ -820,20 +805,25 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
                         src = base + uint64(cred_off + (int64(lane) * max_tokens + k) * CREC)
                     srcs[warp, lane] = src
                 cuda.syncwarp()
-                row_off = uint64(int64(t) * H16 * 16)
-                j0 = lane
-                while j0 < H16:
-                    _zero(acc)
+                j = lane
+                while j < H16:
+                    for u in range(8):
+                        acc[u] = float32(0)
                     if bias0_addr != 0:
-                        _add_row(acc, vals, bias0_addr + row_off, j0, H16, True)
+                        a0, a1, a2, a3 = ptx.ld_nc_v4(bias0_addr + uint64((int64(t) * H16 + j)
+                                                                          * 16))
+                        _add8(acc, a0, a1, a2, a3)
                     if bias1_addr != 0:
-                        _add_row(acc, vals, bias1_addr + row_off, j0, H16, True)
+                        a0, a1, a2, a3 = ptx.ld_nc_v4(bias1_addr + uint64((int64(t) * H16 + j)
+                                                                          * 16))
+                        _add8(acc, a0, a1, a2, a3)
                     for n in range(N):
                         sn = srcs[warp, n]
                         if sn != 0:
-                            _add_row(acc, vals, sn, j0, H16, False)
-                    _store_row(out_addr + row_off, acc, j0, H16)
-                    j0 += 32 * ACC_UNROLL
+                            a0, a1, a2, a3 = ptx.ld_volatile_v4(sn + uint64(j * 16))
+                            _add8(acc, a0, a1, a2, a3)
+                    _store8(out_addr + uint64((int64(t) * H16 + j) * 16), acc)
+                    j += 32
                 if lane < K and out_w_addr != 0:
                     wsum = float32(0)
                     for n in range(N):
@@ -964,15 +954,13 @@ def _addr(a) -> int:
 
 
 def notify(ctx, is_token_in_rank, num_tokens_per_expert, num_experts, num_channels,
-           expert_alignment, stream, counts=True):
+           expert_alignment, stream):
     """Enqueue notify (collective). Returns the six prefix items of the handle, CuPy int32:
     ``(rdma_channel_prefix_matrix [N, C], gbl_channel_prefix_matrix [R, C],
     recv_rdma_channel_prefix_matrix [N, C], recv_rdma_rank_prefix_sum [N],
     recv_gbl_channel_prefix_matrix [R, C], recv_gbl_rank_prefix_sum [R])``, filled when the
     kernel runs; ``wait_counts`` then gives the sizes. ``num_tokens_per_expert`` may be None
-    (a cached dispatch): the per-expert counts are then zeros. ``counts=False`` (a cached
-    dispatch, whose sizes the host knows from the handle): the host counters are not written, so
-    a notify still queued cannot overwrite the counters of a later one."""
+    (a cached dispatch): the per-expert counts are then zeros."""
     import cupy
 
     R, G, N, C = ctx.num_ranks, ctx.num_gpus_per_node, ctx.num_nodes, num_channels
@@ -987,12 +975,11 @@ def notify(ctx, is_token_in_rank, num_tokens_per_expert, num_experts, num_channe
     outs = (cupy.empty((N, C), np.int32), cupy.empty((R, C), np.int32),
             cupy.empty((N, C), np.int32), cupy.empty((N,), np.int32),
             cupy.empty((R, C), np.int32), cupy.empty((R,), np.int32))
-    if counts:
-        ctx.counters[: 3 + E // R] = -1
+    ctx.counters[: 3 + E // R] = -1
     k = _get(notify_spec(R, G, C, E))
     k.launch(1, THREADS, ctx.rank, _addr(ctx.peers), ctx.base, _addr(is_token_in_rank),
              _addr(num_tokens_per_expert), T, int(expert_alignment), ctx.next_epoch(), ctx.half,
-             *(_addr(o) for o in outs), ctx.counters_dev if counts else 0, ctx.timeout_ns,
+             *(_addr(o) for o in outs), ctx.counters_dev, ctx.timeout_ns,
              ctx.errors.device_address, stream=stream)
     return outs
 
