@@ -50,7 +50,7 @@ may be strided), top-k at most 16, expert ids in ``[-1, num_experts)`` (a small 
 and one scalar copy; skipped when ``num_worst_tokens > 0`` and under CUDA-graph capture, which must
 not synchronise), the NVLink buffer size (the bytes needed are in the message), handles made by
 another Buffer, and the rank count (1..8 per node; ranks on several nodes take internode mode,
-which only the CPU backend runs so far).
+``numba_ep.kernels.internode``, which needs ``num_rdma_bytes``).
 
 Errors during a call: a ``CommTimeoutError`` (a peer did not answer within ``timeout_s``; device
 waits record it, the host raises it, at the latest at the next call) makes the Buffer unusable:
@@ -182,7 +182,7 @@ _INTERNODE_ACTIVE = "internode"
 
 
 class _InternodeHandle(tuple):
-    """DeepEP's internode dispatch handle, a 10-tuple (see ``numba_ep.cpu.internode``)::
+    """DeepEP's internode dispatch handle, a 10-tuple (see ``numba_ep.kernels.internode``)::
 
         (is_token_in_rank [T, R] bool, rdma_channel_prefix_matrix [N_nodes, C],
          gbl_channel_prefix_matrix [R, C], recv_rdma_channel_prefix_matrix [N_nodes, C],
@@ -522,7 +522,8 @@ class Buffer:
             and allocates it (``SymmetricBuffer``, zero-filled). Low-latency mode uses it; size
             it with ``Buffer.get_low_latency_rdma_size_hint(M, H, R, E)`` (the largest shape
             you will use). Internode normal mode (ranks on several nodes, see
-            ``num_gpus_per_node``) runs on the CPU backend only so far.
+            ``num_gpus_per_node``) keeps all its buffers here, sized for the whole batch: see
+            ``Config.get_rdma_buffer_size_hint(hidden_bytes, R, num_max_tokens, G)``.
         low_latency_mode: DeepEP's switch for the low-latency API; needs ``num_rdma_bytes > 0``.
             The ``low_latency_*`` methods work whenever the NVSHMEM buffer is large enough.
         num_qps_per_rank, allow_nvlink_for_low_latency_mode, enable_shrink: stored as
@@ -746,12 +747,14 @@ class Buffer:
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        """Tuned dispatch ``Config`` for ``num_ranks`` in 1..8 with ``Buffer.num_sms`` SMs."""
+        """Tuned dispatch ``Config`` for ``num_ranks`` (1..8; more: the 8-rank one) with
+        ``Buffer.num_sms`` SMs."""
         return _config.get_dispatch_config(num_ranks, num_sms=Buffer.num_sms)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        """Tuned combine ``Config`` for ``num_ranks`` in 1..8 with ``Buffer.num_sms`` SMs."""
+        """Tuned combine ``Config`` for ``num_ranks`` (1..8; more: the 8-rank one) with
+        ``Buffer.num_sms`` SMs."""
         return _config.get_combine_config(num_ranks, num_sms=Buffer.num_sms)
 
     @staticmethod
@@ -1426,8 +1429,8 @@ class Buffer:
         return combined, combined_w, event
 
     # --------------------------------------------------------------------------- internode
-    # Ranks on several nodes (num_gpus_per_node < R). Only the CPU backend runs it so far; the
-    # arguments, checks and handle are the contract the GPU kernels will meet.
+    # Ranks on several nodes (num_gpus_per_node < R): numba_ep.kernels.internode on GPUs,
+    # numba_ep.cpu.internode (the reference) on the CPU backend; the same checks and handle.
 
     def _internode_dispatch(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
                             is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,

@@ -7,10 +7,12 @@ buffers are, exactly as in DeepEP V1:
                                         (one SM sends, its partner receives)
     num_max_nvl_chunked_send_tokens     most tokens a sender moves before it publishes its tail
     num_max_nvl_chunked_recv_tokens     ring capacity in tokens per (channel, peer) over NVLink
-    num_max_rdma_chunked_send_tokens    the same two for the RDMA rings of internode mode (kept for
-    num_max_rdma_chunked_recv_tokens    DeepEP compatibility; internode mode is not implemented)
+    num_max_rdma_chunked_send_tokens    the same two for the RDMA rings of DeepEP's internode mode
+    num_max_rdma_chunked_recv_tokens    (kept for compatibility: numba_ep's internode kernels have
+                                        no rings and read only num_sms)
 
-Where numba_ep differs from DeepEP: any rank count 1..8 has tuned defaults (DeepEP: 2, 4, 8), and
+Where numba_ep differs from DeepEP: any rank count 1..8 has tuned defaults (DeepEP: 2, 4, 8), any
+larger count (internode mode) gets the 8-rank chunks and the same SMs, and
 ``num_max_nvl_chunked_recv_tokens`` must be at least 32 because numba_ep's sender publishes its
 tail after every 32 tokens it examines, so a ring must hold at least that many.
 
@@ -163,18 +165,19 @@ class Config:
 
 
 def _check_ranks(num_ranks):
+    """The row of the chunk tables for ``num_ranks``: itself up to 8, else 8 (internode mode,
+    whose kernels read only ``num_sms`` of a config; the chunks apply to the NVLink rings of
+    intranode mode)."""
     if isinstance(num_ranks, bool) or not isinstance(num_ranks, numbers.Integral):
         raise TypeError(f"num_ranks must be an int, got {type(num_ranks).__name__}")
-    if not 1 <= int(num_ranks) <= MAX_INTRANODE_RANKS:
-        raise ValueError(
-            f"num_ranks: tuned configs exist for 1..{MAX_INTRANODE_RANKS} ranks (intranode); got "
-            f"{num_ranks}. Internode mode (more than {MAX_INTRANODE_RANKS} ranks) is not "
-            "implemented yet; pass an explicit Config.")
-    return int(num_ranks)
+    if int(num_ranks) < 1:
+        raise ValueError(f"num_ranks: expected a positive rank count, got {num_ranks}")
+    return min(int(num_ranks), MAX_INTRANODE_RANKS)
 
 
 def get_dispatch_config(num_ranks: int, num_sms: int | None = None) -> Config:
-    """Tuned dispatch config for ``num_ranks`` in 1..8 (ValueError otherwise).
+    """Tuned dispatch config for ``num_ranks`` (1..8 tuned; more ranks, i.e. internode mode:
+    the 8-rank config).
 
     ``num_sms`` defaults to 24 (``Buffer.get_dispatch_config`` passes ``Buffer.num_sms`` instead,
     as DeepEP does). Chunk sizes for 2, 4, 8 ranks are DeepEP's (24, 6, 6 tokens; ring 256).
@@ -185,7 +188,7 @@ def get_dispatch_config(num_ranks: int, num_sms: int | None = None) -> Config:
 
 
 def get_combine_config(num_ranks: int, num_sms: int | None = None) -> Config:
-    """Tuned combine config for ``num_ranks`` in 1..8 (ValueError otherwise).
+    """Tuned combine config for ``num_ranks`` (1..8 tuned; more: the 8-rank config).
 
     ``num_sms`` defaults to 24. Chunk sizes for 2, 4, 8 ranks are DeepEP's (10, 9, 4 tokens;
     ring 256). A combine must use the channel count (``num_sms / 2``) of the dispatch whose handle

@@ -2,8 +2,8 @@
 group spans several nodes (``Buffer.num_gpus_per_node < R``), answered by
 ``reference.internode_dispatch`` / ``internode_combine`` over what every rank contributes.
 
-There are no internode GPU kernels yet (notes/internode-plan.md); these functions fix the
-Buffer-level contract they will have to meet: DeepEP's 10-item handle, in this order::
+The GPU kernels (``numba_ep.kernels.internode``) meet the same Buffer-level contract: DeepEP's
+10-item handle, in this order::
 
     (is_token_in_rank [T, R] bool, rdma_channel_prefix_matrix [N_nodes, C] int32,
      gbl_channel_prefix_matrix [R, C] int32, recv_rdma_channel_prefix_matrix [N_nodes, C] int32,
