@@ -265,6 +265,26 @@ def intranode_times(buf, group, stream, handle, recv_x, x_bf16, x_fp8, scales, c
     return out
 
 
+def _rows_of_times(times, hidden, bandwidths):
+    """Bench rows of an ``intranode_times`` result: each op's times, and for every ``(label,
+    rows)`` of ``bandwidths`` "label GB/s" = rows x row bytes / back-to-back time (BF16 rows of
+    ``2 * hidden`` bytes; FP8 rows of ``hidden`` bytes plus a float32 scale per 128)."""
+    bf16_row, fp8_row = hidden * 2, hidden + hidden // 128 * 4
+    out = {}
+    for name, row in (("dispatch BF16", bf16_row), ("dispatch FP8", fp8_row),
+                      ("combine BF16", bf16_row)):
+        tm = times[name]
+        t = tm["pipelined"]
+        out[f"{name}, us (back-to-back calls, DeepEP's method)"] = t
+        if tm["device"] is not None:
+            out[f"{name}, device us (graph replay)"] = tm["device"]
+        out[f"{name}, us (one call after a barrier)"] = tm["isolated"]
+        out[f"{name}, host us per call"] = tm["host"]
+        for label, n in bandwidths:
+            out[f"{name}, {label} GB/s"] = n * row / t / 1e3
+    return out
+
+
 def profile_calls(fn, stream, path, calls=50):
     """cProfile ``calls`` back-to-back calls of ``fn``; the 30 costliest functions (own time)
     go to ``path`` (None: profile, write nothing)."""
@@ -355,17 +375,8 @@ def intranode_rank(group, num_tokens=4096, hidden=7168, num_topk=8, num_experts=
         n_remote = n_recv - n_local
         times = intranode_times(buf, group, stream, handle, recv_x, x_bf16, x_fp8, scales,
                                 cfg_d, cfg_c)
-        bf16_row, fp8_row = hidden * 2, hidden + hidden // 128 * 4
-        for name, row in (("dispatch BF16", bf16_row), ("dispatch FP8", fp8_row),
-                          ("combine BF16", bf16_row)):
-            tm = times[name]
-            t = tm["pipelined"]
-            rows[f"{name}, us (back-to-back calls, DeepEP's method)"] = t
-            rows[f"{name}, device us (graph replay)"] = tm["device"]
-            rows[f"{name}, us (one call after a barrier)"] = tm["isolated"]
-            rows[f"{name}, host us per call"] = tm["host"]
-            rows[f"{name}, logical GB/s"] = n_recv * row / t / 1e3
-            rows[f"{name}, NVLink (remote rows) GB/s"] = n_remote * row / t / 1e3
+        rows.update(_rows_of_times(times, hidden, (("logical", n_recv),
+                                                   ("NVLink (remote rows)", n_remote))))
         rows["received rows (local + remote)"] = float(n_recv)
         rows["remote rows"] = float(n_remote)
         if R > 1:
@@ -505,16 +516,8 @@ def internode_rank(group, num_tokens=4096, hidden=7168, num_topk=8, num_experts=
         n_recv = recv_x.shape[0]
         times = intranode_times(buf, group, stream, handle, recv_x, x_bf16, x_fp8, scales, cfg,
                                 cfg, graph=False)
-        bf16_row, fp8_row = hidden * 2, hidden + hidden // 128 * 4
-        for name, row in (("dispatch BF16", bf16_row), ("dispatch FP8", fp8_row),
-                          ("combine BF16", bf16_row)):
-            tm = times[name]
-            t = tm["pipelined"]
-            rows[f"{name}, us (back-to-back calls, DeepEP's method)"] = t
-            rows[f"{name}, us (one call after a barrier)"] = tm["isolated"]
-            rows[f"{name}, host us per call"] = tm["host"]
-            rows[f"{name}, RDMA (to other nodes) GB/s"] = rdma_rows * row / t / 1e3
-            rows[f"{name}, NVL (received rows) GB/s"] = n_recv * row / t / 1e3
+        rows.update(_rows_of_times(times, hidden, (("RDMA (to other nodes)", rdma_rows),
+                                                   ("NVL (received rows)", n_recv))))
         rows["rows sent to other nodes (once per node)"] = float(rdma_rows)
         rows["received rows"] = float(n_recv)
     group.barrier()

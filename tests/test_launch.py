@@ -106,3 +106,38 @@ def test_compile_to_cache_needs_no_gpu_and_no_nvshmem(tmp_path, monkeypatch, sm9
     cubins = list(tmp_path.glob("*.cubin"))
     assert len(metas) == 2 and len(cubins) == 2
     assert any(json.loads(m.read_text())["nvshmem"] for m in metas)
+
+
+def test_wait_host_count_returns_raises_and_names_the_rank():
+    """The host side of notify: spin until a kernel publishes counters[0] >= 0; a recorded
+    device timeout, or nothing within the timeout, is a CommTimeoutError naming the rank."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from numba_ep.errors import CommTimeoutError
+    from numba_ep.kernels.waits import wait_host_count
+
+    checks = []
+    ctx = SimpleNamespace(counters=np.full(4, -1, np.int32), rank=3, timeout_ns=int(2e9),
+                          errors=SimpleNamespace(check=lambda: checks.append(1)))
+    threading.Timer(0.05, lambda: ctx.counters.__setitem__(0, 7)).start()
+    wait_host_count(ctx, "notify_dispatch")
+    assert ctx.counters[0] == 7 and checks   # the error record is read on the way out
+
+    def recorded():
+        raise CommTimeoutError("dispatch: rank 3 waited 1 s for rank 0", what="dispatch", rank=3)
+
+    ctx.counters[0] = -1
+    ctx.errors = SimpleNamespace(check=recorded)
+    with pytest.raises(CommTimeoutError, match="rank 0"):
+        wait_host_count(ctx, "notify_dispatch")
+
+    ctx.errors = SimpleNamespace(check=lambda: None)
+    ctx.timeout_ns = 1   # deadline = 5 s past the (tiny) timeout
+    start = time.monotonic()
+    with pytest.raises(CommTimeoutError, match="internode_notify: rank 3 got no received-token"):
+        wait_host_count(ctx, "internode_notify")
+    assert 4.5 < time.monotonic() - start < 30

@@ -96,7 +96,7 @@ from numba import cuda, float32, int32, int64, uint32, uint64
 
 from numba_ep.interop import address
 from numba_ep.kernels import ptx
-from numba_ep.kernels.intranode import channel_range, copy_row
+from numba_ep.kernels.intranode import _align, channel_range, copy_row
 from numba_ep.kernels.waits import KERNEL_IDS, record_timeout, timed_out
 
 THREADS = 512               # 16 warps per block
@@ -116,10 +116,6 @@ _SYNC = KERNEL_IDS["internode_sync"]
 # ---------------------------------------------------------------------------------------------
 # Layout: the one place that computes byte offsets (host side, and constants of the kernels)
 # ---------------------------------------------------------------------------------------------
-
-def _align(n, a=128):
-    return (n + a - 1) // a * a
-
 
 #: int32 words of a meta slot: T, two [MAX_CHANNELS] count rows, one count per local expert
 META_WORDS = (1 + 2 * MAX_CHANNELS + MAX_LOCAL_EXPERTS + 3) // 4 * 4
@@ -988,23 +984,9 @@ def wait_counts(ctx, num_local_experts):
     """Busy-wait (host) until notify has published the counts. Returns ``(num_recv_tokens,
     num_rdma_recv_tokens, max_tokens, rows per local expert (list))``; raises CommTimeoutError
     when a kernel recorded a timeout or nothing arrived in time."""
-    import time
+    from numba_ep.kernels.waits import wait_host_count
 
-    from numba_ep.errors import CommTimeoutError
-
-    deadline = time.monotonic() + ctx.timeout_ns / 1e9 + 5.0
-    spins = 0
-    while ctx.counters[0] < 0:
-        spins += 1
-        if spins % 1024 == 0:
-            ctx.errors.check()
-            if time.monotonic() > deadline:
-                raise CommTimeoutError(
-                    f"internode_notify: rank {ctx.rank} got no received-token count from the GPU "
-                    f"within {ctx.timeout_ns / 1e9:.3g} s", what="internode_notify",
-                    rank=ctx.rank)
-            time.sleep(0)
-    ctx.errors.check()
+    wait_host_count(ctx, "internode_notify")
     c = ctx.counters
     return (int(c[0]), int(c[1]), int(c[2]),
             [int(v) for v in c[3: 3 + num_local_experts]])

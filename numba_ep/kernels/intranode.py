@@ -882,22 +882,9 @@ def wait_recv_counts(ctx, num_local_experts):
     Returns ``(num_recv_tokens, num_recv_tokens_per_expert_list)``; raises CommTimeoutError if a
     kernel recorded a timeout or nothing arrived within the context's timeout.
     """
-    import time
+    from numba_ep.kernels.waits import wait_host_count
 
-    from numba_ep.errors import CommTimeoutError
-
-    deadline = time.monotonic() + ctx.timeout_ns / 1e9 + 5.0
-    spins = 0
-    while ctx.counters[0] < 0:
-        spins += 1
-        if spins % 1024 == 0:
-            ctx.errors.check()
-            if time.monotonic() > deadline:
-                raise CommTimeoutError(
-                    f"notify_dispatch: rank {ctx.rank} got no received-token count from the GPU "
-                    f"within {ctx.timeout_ns / 1e9:.3g} s", what="notify_dispatch", rank=ctx.rank)
-            time.sleep(0)
-    ctx.errors.check()
+    wait_host_count(ctx, "notify_dispatch")
     counts = ctx.counters[1: 1 + num_local_experts]
     while (counts < 0).any():  # released after the count, so this almost never spins
         counts = ctx.counters[1: 1 + num_local_experts]

@@ -119,6 +119,28 @@ class ErrorRecord:
         raise CommTimeoutError(msg, what=kernel, rank=rank, peer=peer)
 
 
+def wait_host_count(ctx, what):
+    """Busy-wait (host) until a kernel has published ``ctx.counters[0] >= 0`` (host-mapped
+    int32 words it releases last), checking the error record now and then; raises
+    CommTimeoutError (naming ``what`` and ``ctx.rank``) if a kernel recorded a timeout or
+    nothing arrived within ``ctx.timeout_ns`` plus 5 s. ``ctx`` needs ``counters``, ``errors``,
+    ``timeout_ns`` and ``rank``."""
+    import time
+
+    deadline = time.monotonic() + ctx.timeout_ns / 1e9 + 5.0
+    spins = 0
+    while ctx.counters[0] < 0:
+        spins += 1
+        if spins % 1024 == 0:
+            ctx.errors.check()
+            if time.monotonic() > deadline:
+                raise CommTimeoutError(
+                    f"{what}: rank {ctx.rank} got no received-token count from the GPU within "
+                    f"{ctx.timeout_ns / 1e9:.3g} s", what=what, rank=ctx.rank)
+            time.sleep(0)
+    ctx.errors.check()
+
+
 def mapped_host_array(n, dtype):
     """``n`` elements of pinned host memory the GPU can read and write directly.
 
