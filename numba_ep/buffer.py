@@ -1556,17 +1556,17 @@ class Buffer:
                 self._sym, self.rank, self.group_size, self.num_gpus_per_node,
                 timeout_s=self.timeout_s)
         if self._ll_active != _INTERNODE_ACTIVE:
-            import nvshmem.bindings as nvb
+            if not self._host:   # (host mode, for tests, has no device memory to clear)
+                import cupy
+                import nvshmem.bindings as nvb
 
-            from numba_ep.launch import stream_handle
+                from numba_ep.launch import stream_handle
 
-            h = stream_handle(self._comm_stream)
-            nvb.barrier_all_on_stream(h)
-            hdr = internode.header(self.group_size, ctx.num_nodes)["bytes"]
-            import cupy
-
-            cupy.cuda.runtime.memsetAsync(ctx.base, 0, hdr, self._comm_stream.ptr)
-            nvb.barrier_all_on_stream(h)
+                h = stream_handle(self._comm_stream)
+                nvb.barrier_all_on_stream(h)
+                hdr = internode.header(self.group_size, ctx.num_nodes)["bytes"]
+                cupy.cuda.runtime.memsetAsync(ctx.base, 0, hdr, self._comm_stream.ptr)
+                nvb.barrier_all_on_stream(h)
             self._ll_active = _INTERNODE_ACTIVE
             self._ll_pending = None
         return ctx
