@@ -57,7 +57,8 @@ waits record it, the host raises it, at the latest at the next call) makes the B
 destroy it and build a new one on every rank.
 
 CUDA graphs: a dispatch with ``num_worst_tokens > 0`` (or a cached dispatch) and a combine can be
-captured; a plain dispatch cannot (the host waits for the received counts).
+captured; a plain dispatch cannot (the host waits for the received counts). Internode calls
+refuse capture (RuntimeError): each takes fresh epoch values a replay would repeat.
 
 Low-latency mode
 ----------------
@@ -1582,6 +1583,7 @@ class Buffer:
         cached = handle is not None
         with self._guard():
             call = _Call(self, torch_out, previous_event, async_finish, allocate)
+            _refuse_capture(call, "dispatch")
             with call.on_caller():
                 x_b = bytes_view(x, "x")
                 sc = None
@@ -1657,6 +1659,7 @@ class Buffer:
         C = h["gbl_channel_prefix_matrix"].shape[1]
         with self._guard():
             call = _Call(self, torch_out, previous_event, async_finish, allocate)
+            _refuse_capture(call, "combine")
             with call.on_caller():
                 xv = _as_u16(device_view(x, "x"))
                 w = device_view(topk_weights, "topk_weights")
@@ -2131,6 +2134,17 @@ def _no_gpu() -> bool:
     from numba_ep.group import gpu_count
 
     return gpu_count() == 0
+
+
+def _refuse_capture(call, what):
+    """Internode calls cannot be captured in a CUDA graph: every dispatch waits on the host for
+    notify's counts, and each call passes new epoch values to its kernels, which a replay would
+    repeat (its waits would pass at once, on stale flags)."""
+    if call.capturing:
+        raise RuntimeError(
+            f"{what}: internode mode cannot be captured in a CUDA graph (the host waits for "
+            f"counts, and every call's kernels take new epoch values that a replay would "
+            f"repeat); run it eagerly, or keep the ranks on one node for graph capture")
 
 
 def _xp(buf):

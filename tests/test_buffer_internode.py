@@ -188,3 +188,31 @@ def test_internode_refusals(monkeypatch):
     # low-latency calls after internode use ask for a clean first
     with pytest.raises(ValueError, match="clean_low_latency_buffer"):
         buf._check_ll_sequence("low_latency_dispatch", 128, H, E)
+
+
+def test_internode_refuses_graph_capture(monkeypatch):
+    """Under capture, dispatch and combine raise before enqueuing anything."""
+    import numba_ep.buffer as B
+
+    xs, topks, ws = problem(13)
+    emu = Emulator(monkeypatch, 0, xs, topks, ws)
+    buf = host_buffer(0)
+    per_rank, per_rdma, per_expert, in_rank = reference.get_dispatch_layout(topks[0], E, R, G)
+    _, _, _, _, handle, _ = buf.dispatch(
+        xs[0], num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
+        is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=topks[0],
+        topk_weights=ws[0], config=CONFIG)
+    before = len(emu.calls)
+    real = B._Call.__init__
+
+    def capturing(self, *a, **kw):
+        real(self, *a, **kw)
+        self.capturing = True
+
+    monkeypatch.setattr(B._Call, "__init__", capturing)
+    with pytest.raises(RuntimeError, match="dispatch: internode mode cannot be captured"):
+        buf.dispatch(xs[0], handle=handle, config=CONFIG)
+    y = np.ones((handle[7].shape[0], H), BF16)
+    with pytest.raises(RuntimeError, match="combine: internode mode cannot be captured"):
+        buf.combine(y, handle)
+    assert len(emu.calls) == before   # nothing reached the kernels
