@@ -3,6 +3,7 @@
     python examples/moe_layer.py              # every local GPU, one process each
     python examples/moe_layer.py --ranks 3    # 3 processes; on a machine without a GPU the
                                               # Buffer runs on numba_ep's CPU backend (slow)
+    python examples/moe_layer.py --ranks 4 --gpus-per-node 2   # as 2 nodes of 2: internode mode
     mpirun -n 2 python examples/moe_layer.py --mpi
 
 Each rank holds TOKENS tokens and EXPERTS / ranks experts. One forward pass:
@@ -21,6 +22,7 @@ ranks, 2*HIDDEN bytes each, and combine sends the same rows back. Every rank che
 against the same layer computed densely (every expert run on every token, no communication).
 """
 import argparse
+import os
 
 import numba_ep
 
@@ -51,10 +53,12 @@ def route(x, router, torch):
 def moe_forward(buf, x, router, local_experts, torch):
     """One MoE layer: x ``[T, HIDDEN] bfloat16`` -> ``[T, HIDDEN] bfloat16``."""
     topk_idx, topk_weights = route(x, router, torch)
-    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, EXPERTS)
+    # per_rdma: tokens per node, for internode mode (None when the ranks share one node)
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk_idx, EXPERTS)
     recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
-        x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
-        num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=topk_weights)
+        x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
+        is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=topk_idx,
+        topk_weights=topk_weights)
     # counts[l] = (token, slot) pairs for local expert l: the sizes a grouped GEMM would use
     y = torch.zeros(recv_x.shape, dtype=torch.float32, device=recv_x.device)
     for local, weights in enumerate(local_experts):
@@ -88,9 +92,14 @@ def rank_main(group=None):
     R, rank = group.size, group.rank
     if EXPERTS % R:
         raise ValueError(f"--ranks: {EXPERTS} experts must split evenly, got {R} ranks")
-    hint = max(cfg.get_nvl_buffer_size_hint(HIDDEN * 2, R) for cfg in (
-        numba_ep.Buffer.get_dispatch_config(R), numba_ep.Buffer.get_combine_config(R)))
-    buf = numba_ep.Buffer(group, hint, explicitly_destroy=True)
+    configs = (numba_ep.Buffer.get_dispatch_config(R), numba_ep.Buffer.get_combine_config(R))
+    hint = max(cfg.get_nvl_buffer_size_hint(HIDDEN * 2, R) for cfg in configs)
+    # Ranks on several nodes (NUMBA_EP_GPUS_PER_NODE below R) need an NVSHMEM buffer; the hint
+    # is 0 when they share a node.
+    gpus = int(os.environ.get("NUMBA_EP_GPUS_PER_NODE", 0)) or R
+    rdma = configs[0].get_rdma_buffer_size_hint(HIDDEN * 2, R, num_max_tokens=TOKENS,
+                                                 num_gpus_per_node=gpus)
+    buf = numba_ep.Buffer(group, hint, num_rdma_bytes=rdma, explicitly_destroy=True)
     try:
         device = "cpu" if buf.backend == "cpu" else f"cuda:{buf.device}"
         L = EXPERTS // R
@@ -105,8 +114,9 @@ def rank_main(group=None):
     finally:
         buf.destroy()
     # bf16 expert outputs summed over up to TOPK ranks: a few bf16 roundings of error
-    return {"rank": rank, "backend": buf.backend, "tokens": TOKENS, "calc_diff": diff,
-            "ok": diff < 1e-4}
+    mode = f", {R // buf.num_gpus_per_node} nodes" if buf.num_gpus_per_node < R else ""
+    return {"rank": rank, "backend": buf.backend, "mode": mode, "tokens": TOKENS,
+            "calc_diff": diff, "ok": diff < 1e-4}
 
 
 def main(argv=None):
@@ -114,14 +124,19 @@ def main(argv=None):
     p.add_argument("--ranks", type=int, default=None, help="processes (default: local GPUs, "
                    "or 2 without a GPU)")
     p.add_argument("--mpi", action="store_true", help="this process is one MPI rank")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="split the ranks into "
+                   "nodes of this many (internode mode; sets NUMBA_EP_GPUS_PER_NODE)")
     args = p.parse_args(argv)
+    if args.gpus_per_node:
+        os.environ["NUMBA_EP_GPUS_PER_NODE"] = str(args.gpus_per_node)   # spawned ranks inherit
     if args.mpi:
         results = [rank_main(None)]
     else:
         n = args.ranks or numba_ep.group.gpu_count() or 2
         results = numba_ep.spawn(rank_main, n)
     for r in results:
-        print(f"rank {r['rank']} ({r['backend']}): {r['tokens']} tokens through the MoE layer, "
+        print(f"rank {r['rank']} ({r['backend']}{r['mode']}): {r['tokens']} tokens through the "
+              f"MoE layer, "
               f"calc_diff vs dense {r['calc_diff']:.2e} {'ok' if r['ok'] else 'WRONG'}")
     return 0 if all(r["ok"] for r in results) else 1
 

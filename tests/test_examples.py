@@ -1,5 +1,6 @@
 """The examples run: examples/moe_layer.py (a PyTorch MoE layer over numba_ep.Buffer) on the CPU
-backend at 1 and 3 ranks, each rank matching the dense layer. Needs torch (skips without it)."""
+backend at 1 and 3 ranks, and at 4 ranks as 2 nodes of 2 (internode mode), each rank matching
+the dense layer. Needs torch (skips without it)."""
 import os
 import sys
 
@@ -8,14 +9,22 @@ import pytest
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
-@pytest.mark.parametrize("nranks", [1, 3])
-def test_moe_layer_example(monkeypatch, capsys, nranks):
+@pytest.mark.parametrize("nranks,gpus_per_node", [(1, None), (3, None), (4, 2)])
+def test_moe_layer_example(monkeypatch, capsys, nranks, gpus_per_node):
     pytest.importorskip("torch")
     monkeypatch.setenv("NUMBA_EP_BACKEND", "cpu")
+    monkeypatch.delenv("NUMBA_EP_GPUS_PER_NODE", raising=False)
     monkeypatch.syspath_prepend(EXAMPLES)
     import moe_layer
 
-    assert moe_layer.main(["--ranks", str(nranks)]) == 0
+    argv = ["--ranks", str(nranks)]
+    if gpus_per_node:
+        argv += ["--gpus-per-node", str(gpus_per_node)]
+    try:
+        assert moe_layer.main(argv) == 0
+    finally:
+        os.environ.pop("NUMBA_EP_GPUS_PER_NODE", None)   # main() set it for its ranks
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == nranks and all(line.endswith(" ok") for line in lines), lines
+    assert all(("2 nodes" in line) == bool(gpus_per_node) for line in lines), lines
     sys.modules.pop("moe_layer", None)
