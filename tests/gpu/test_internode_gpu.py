@@ -44,7 +44,7 @@ def test_internode_round_trips(ranks, compiled, monkeypatch, nranks, gpus_per_no
     monkeypatch.setenv("NUMBA_EP_GPUS_PER_NODE", str(gpus_per_node))
     seed = secrets.randbits(30)
     print(f"seed = {seed}")
-    results = ranks(f"{WORKERS}:suite", nranks, seed, timeout=300, group_timeout=240)
+    results = ranks(f"{WORKERS}:suite", nranks, seed, timeout=180, group_timeout=150)
     assert len(results) == nranks
     assert all(len(r) == 5 for r in results)
     # the checks are not vacuous: rows moved in every round trip, somewhere
