@@ -1,4 +1,5 @@
-"""Buffer: DeepEP V1's ``deep_ep.Buffer`` for numba_ep (intranode normal mode, low-latency mode).
+"""Buffer: DeepEP V1's ``deep_ep.Buffer`` for numba_ep (intranode and internode normal mode,
+low-latency mode).
 
 One ``Buffer`` per rank owns the NVLink buffer every peer can write (``numba_ep.memory.IpcBuffer``),
 a high-priority communication stream, and the bookkeeping of the calls made through it:
@@ -508,8 +509,8 @@ class _Call:
 # -------------------------------------------------------------------------------------------------
 
 class Buffer:
-    """DeepEP V1's communication buffer (intranode normal mode and low-latency mode) for one
-    rank of an EP group.
+    """DeepEP V1's communication buffer (normal mode within a node or across nodes, and
+    low-latency mode) for one rank of an EP group.
 
     Args:
         group: a ``numba_ep.Group``, an mpi4py communicator, a torch ``ProcessGroup``, or None
