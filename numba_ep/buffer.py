@@ -1920,7 +1920,11 @@ class Buffer:
 
     def _check_ll_size(self, what, M, H, E):
         R = self.group_size
-        need = int(self.get_low_latency_rdma_size_hint(M, H, R, E))
+        # The hint lays out the whole buffer (~15 us of Python): once per shape and Buffer.
+        cache = self.__dict__.setdefault("_ll_need", {})
+        need = cache.get((M, H, E))
+        if need is None:
+            need = cache[(M, H, E)] = int(self.get_low_latency_rdma_size_hint(M, H, R, E))
         have = 0 if self._sym is None else int(self._sym.nbytes)
         if need > have:
             raise ValueError(
