@@ -380,19 +380,30 @@ def intranode_rank(group, num_tokens=4096, hidden=7168, num_topk=8, num_experts=
         rows["received rows (local + remote)"] = float(n_recv)
         rows["remote rows"] = float(n_remote)
         if R > 1:
-            # NVLink limit: copy engine, this rank's GPU -> the next rank's IPC buffer, all ranks
-            # at once (the same both-ways load as an all-to-all).
-            ipc = buf._ipc
-            peer = ipc.ptrs[(rank + 1) % R]
-            n = 64 << 20
-            src = cp.empty(n, dtype=cp.uint8)
-            t_copy = _median_event_us(
-                lambda: cp.cuda.runtime.memcpyAsync(peer, src.data.ptr, n, 3, stream.ptr),
-                stream, group=group)
-            rows["NVLink copy engine, one way per GPU (all GPUs sending), GB/s"] = n / t_copy / 1e3
-            rows.update(_nccl_all_to_all(group, cp.asnumpy(per_rank), hidden, stream))
+            rows.update(_link_baselines(buf, group, stream, per_rank, hidden))
     group.barrier()
     buf.destroy()
+    return rows
+
+
+def _link_baselines(buf, group, stream, per_rank, hidden):
+    """The rows every normal-mode bench compares with, measured in the same run: the NVLink
+    copy-engine limit (this rank's GPU -> the next rank's IPC buffer, all ranks at once: the
+    same both-ways load as an all-to-all) and NCCL's all-to-all of the same BF16 rows."""
+    import cupy as cp
+
+    R, rank = group.size, group.rank
+    peer = buf._ipc.ptrs[(rank + 1) % R]
+    n = 64 << 20
+    src = cp.empty(n, dtype=cp.uint8)
+    t_copy = _median_event_us(
+        lambda: cp.cuda.runtime.memcpyAsync(peer, src.data.ptr, n, 3, stream.ptr),
+        stream, group=group)
+    rows = {"NVLink copy engine, one way per GPU (all GPUs sending), GB/s": n / t_copy / 1e3}
+    try:
+        rows.update(_nccl_all_to_all(group, cp.asnumpy(per_rank), hidden, stream))
+    except Exception as e:  # a baseline that cannot run must not cost the bench's own rows
+        rows["NCCL all-to-all (torch)"] = f"failed: {type(e).__name__}: {e}"[:200]
     return rows
 
 
@@ -441,6 +452,18 @@ def _nccl_all_to_all(group, tokens_to_rank, hidden, stream):
         dist.destroy_process_group()
 
 
+def _merge_ranks(results):
+    """One row per key of the ranks' rows: bandwidths and row counts averaged over ranks, times
+    (and anything else) the slowest rank's."""
+    rows = {}
+    for k in results[0]:
+        vals = [r[k] for r in results]
+        numeric = all(isinstance(v, (int, float)) for v in vals)
+        rows[k] = (statistics.mean(vals) if numeric and ("GB/s" in k or "rows" in k)
+                   else max(vals))
+    return rows
+
+
 def bench_intranode(ranks=None):
     from numba_ep.group import gpu_count
     from numba_ep.group import spawn
@@ -448,9 +471,7 @@ def bench_intranode(ranks=None):
     n = ranks or gpu_count()
     results = spawn(intranode_rank, n)
     rows = {"ranks": float(n)}
-    for k in results[0]:
-        vals = [r[k] for r in results]
-        rows[k] = statistics.mean(vals) if "GB/s" in k or "rows" in k else max(vals)
+    rows.update(_merge_ranks(results))
     rows.update(DEEPEP_V1_INTRANODE.get(n, {f"DeepEP V1 published EP{n}": "none"}))
     return rows
 
@@ -520,6 +541,8 @@ def internode_rank(group, num_tokens=4096, hidden=7168, num_topk=8, num_experts=
                                                    ("NVL (received rows)", n_recv))))
         rows["rows sent to other nodes (once per node)"] = float(rdma_rows)
         rows["received rows"] = float(n_recv)
+        # on one host every "node" shares NVLink: the copy engine and NCCL are the yardsticks
+        rows.update(_link_baselines(buf, group, stream, per_rank, hidden))
     group.barrier()
     buf.destroy()
     return rows
@@ -546,9 +569,7 @@ def bench_internode(ranks=None, gpus_per_node=None):
             os.environ["NUMBA_EP_GPUS_PER_NODE"] = saved
     rows = {"ranks": float(n), "layout": f"{n // g} nodes x {g} GPUs, one host (NVSHMEM puts "
                                          "between nodes carried by NVLink)"}
-    for k in results[0]:
-        vals = [r[k] for r in results]
-        rows[k] = statistics.mean(vals) if "GB/s" in k or "rows" in k else max(vals)
+    rows.update(_merge_ranks(results))
     rows.update(DEEPEP_V1_INTERNODE.get(n, {f"DeepEP V1 published {n} ranks": "none"}))
     return rows
 

@@ -1,7 +1,7 @@
 """CPU checks of the bench's arithmetic (the measurements themselves need GPUs)."""
 import pytest
 
-from numba_ep.bench import _rows_of_times
+from numba_ep.bench import _merge_ranks, _rows_of_times
 
 
 def test_rows_of_times_gbps_and_optional_device_time():
@@ -18,3 +18,10 @@ def test_rows_of_times_gbps_and_optional_device_time():
     assert "dispatch FP8, device us (graph replay)" not in rows   # not measured: no row
     assert rows["combine BF16, host us per call"] == 30.0
     assert list(rows)[0] == "dispatch BF16, us (back-to-back calls, DeepEP's method)"
+
+
+def test_merge_ranks_averages_rates_and_takes_the_slowest_time():
+    ranks = [{"dispatch, us": 10.0, "dispatch, GB/s": 100.0, "received rows": 4.0, "x": "a"},
+             {"dispatch, us": 12.0, "dispatch, GB/s": 50.0, "received rows": 6.0, "x": "b"}]
+    assert _merge_ranks(ranks) == {"dispatch, us": 12.0, "dispatch, GB/s": 75.0,
+                                   "received rows": 5.0, "x": "b"}
