@@ -94,9 +94,8 @@ def rank_main(group=None):
         raise ValueError(f"--ranks: {EXPERTS} experts must split evenly, got {R} ranks")
     configs = (numba_ep.Buffer.get_dispatch_config(R), numba_ep.Buffer.get_combine_config(R))
     hint = max(cfg.get_nvl_buffer_size_hint(HIDDEN * 2, R) for cfg in configs)
-    # Ranks on several nodes (NUMBA_EP_GPUS_PER_NODE below R) need an NVSHMEM buffer; the hint
-    # is 0 when they share a node.
-    gpus = int(os.environ.get("NUMBA_EP_GPUS_PER_NODE", 0)) or R
+    # Ranks on several nodes need an NVSHMEM buffer; the hint is 0 when they share one.
+    gpus = numba_ep.Buffer.get_num_gpus_per_node(group)
     rdma = configs[0].get_rdma_buffer_size_hint(HIDDEN * 2, R, num_max_tokens=TOKENS,
                                                  num_gpus_per_node=gpus)
     buf = numba_ep.Buffer(group, hint, num_rdma_bytes=rdma, explicitly_destroy=True)

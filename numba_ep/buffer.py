@@ -760,6 +760,17 @@ class Buffer:
         return _config.get_combine_config(num_ranks, num_sms=Buffer.num_sms)
 
     @staticmethod
+    def get_num_gpus_per_node(group=None) -> int:
+        """The ranks of ``group`` that share a node (its NVLink domain), as a Buffer over it
+        will use: env ``NUMBA_EP_GPUS_PER_NODE`` (a divisor of the rank count; below the GPUs
+        of one host it makes that host play several nodes), else the ranks per host when the
+        group spans hosts, else all ranks up to 8. Fewer than the rank count means internode
+        mode, which needs ``num_rdma_bytes`` (``Config.get_rdma_buffer_size_hint``)."""
+        from numba_ep.group import as_group
+
+        return _resolve_gpus_per_node(as_group(group))
+
+    @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int,
                                        num_ranks: int, num_experts: int) -> int:
         """Bytes of NVSHMEM buffer low-latency mode needs (multiple of 128)."""

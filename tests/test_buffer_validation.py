@@ -770,3 +770,22 @@ def test_bench_intranode_takes_the_slowest_rank_and_the_mean_bandwidth(monkeypat
     assert rows["dispatch BF16, logical GB/s"] == 410.0                            # mean
     assert rows["remote rows"] == 4001.0
     assert rows["DeepEP V1 2xH100: dispatch BF16 / FP8 / combine, us"] == "356 / 253 / 414"
+
+
+def test_gpus_per_node_resolution(monkeypatch):
+    """Which ranks share a node: the env override, else the ranks per host, else up to 8."""
+    from numba_ep.buffer import _resolve_gpus_per_node
+
+    monkeypatch.delenv("NUMBA_EP_GPUS_PER_NODE", raising=False)
+    g = SimpleNamespace
+    assert _resolve_gpus_per_node(g(rank=0, size=4, local_size=4)) == 4
+    assert _resolve_gpus_per_node(g(rank=0, size=16, local_size=8)) == 8   # two hosts of 8
+    assert _resolve_gpus_per_node(g(rank=0, size=8, local_size=2)) == 2
+    assert _resolve_gpus_per_node(g(rank=0, size=16, local_size=16)) == 8  # DeepEP's node size
+    monkeypatch.setenv("NUMBA_EP_GPUS_PER_NODE", "2")
+    assert _resolve_gpus_per_node(g(rank=0, size=4, local_size=4)) == 2
+    monkeypatch.setenv("NUMBA_EP_GPUS_PER_NODE", "3")
+    raises(ValueError, lambda: _resolve_gpus_per_node(g(rank=0, size=4, local_size=4)),
+           "NUMBA_EP_GPUS_PER_NODE", "divisor of the rank count 4", "'3'")
+    monkeypatch.delenv("NUMBA_EP_GPUS_PER_NODE")
+    assert Buffer.get_num_gpus_per_node() == 1   # no group: this process alone
