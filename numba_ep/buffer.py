@@ -1677,8 +1677,8 @@ class Buffer:
                 w = device_view(topk_weights, "topk_weights")
                 bias0 = _as_u16(device_view(b0, "bias[0]"))
                 bias1 = _as_u16(device_view(b1, "bias[1]"))
+            call.begin()   # first: a header clear (after low-latency use) must follow the caller
             ctx = self._internode_context()
-            call.begin()
             with call.alloc():
                 out = xp.empty((T, H), dtype=np.uint16)
                 out_w = xp.empty((T, w.shape[1]), dtype=np.float32) if w is not None else None
