@@ -928,6 +928,8 @@ class Buffer:
                            num_scales):
         from numba_ep.kernels import intranode
 
+        if self._spans_nodes:   # internode mode keeps everything in the NVSHMEM buffer
+            return
         need = int(intranode.nvl_bytes_needed(self.group_size, num_channels, num_recv_slots,
                                               row_bytes, num_topk, num_scales))  # memoised
         have = 0 if self._ipc is None else int(self._ipc.nbytes)
@@ -994,7 +996,8 @@ class Buffer:
     def _context(self):
         intranode = self._kernels.intranode
         if self._ctx is None:
-            if self._ipc is None:
+            # (the CPU backend's internode mode needs no NVLink buffer, as on GPUs)
+            if self._ipc is None and not (self._cpu and self._spans_nodes):
                 raise ValueError("num_nvl_bytes: this Buffer has no NVLink buffer "
                                  "(num_nvl_bytes=0); intranode dispatch/combine need one")
             if self._cpu:

@@ -216,3 +216,26 @@ def test_internode_refuses_graph_capture(monkeypatch):
     with pytest.raises(RuntimeError, match="combine: internode mode cannot be captured"):
         buf.combine(y, handle)
     assert len(emu.calls) == before   # nothing reached the kernels
+
+
+def test_sixteen_ranks_need_no_nvlink_buffer(monkeypatch):
+    """2 nodes of 8: internode mode keeps everything in the NVSHMEM buffer, so a Buffer without
+    num_nvl_bytes gets past every check to the kernels (DeepEP's tables give its config)."""
+    class Reached(Exception):
+        pass
+
+    def ctx(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(internode, "InternodeContext", ctx)
+    R16, T = 16, 10
+    buf = Buffer._host_mode(SimpleNamespace(rank=3, size=R16), num_rdma_bytes=BIG)
+    assert buf.num_gpus_per_node == 8
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((T, H)).astype(np.float32).astype(BF16)
+    topk = np.argsort(rng.random((T, 64)), axis=1)[:, :K].astype(np.int64)
+    per_rank, per_rdma, per_expert, in_rank = reference.get_dispatch_layout(topk, 64, R16, 8)
+    with pytest.raises(Reached):
+        buf.dispatch(x, num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
+                     is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=topk,
+                     topk_weights=np.ones((T, K), np.float32))
