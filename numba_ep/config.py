@@ -12,7 +12,7 @@ buffers are, exactly as in DeepEP V1:
                                         no rings and read only num_sms)
 
 Where numba_ep differs from DeepEP: any rank count 1..8 has tuned defaults (DeepEP: 2, 4, 8), any
-larger count (internode mode) gets the 8-rank chunks and the same SMs, and
+larger count (internode mode) gets DeepEP's internode row at or below it, and
 ``num_max_nvl_chunked_recv_tokens`` must be at least 32 because numba_ep's sender publishes its
 tail after every 32 tokens it examines, so a ring must hold at least that many.
 
@@ -52,6 +52,14 @@ _DISPATCH_NVL_SEND = {1: 24, 2: 24, 3: 12, 4: 6, 5: 6, 6: 6, 7: 6, 8: 6}
 _COMBINE_NVL_SEND = {1: 10, 2: 10, 3: 10, 4: 9, 5: 8, 6: 6, 7: 5, 8: 4}
 _NVL_RECV = 256
 _RDMA_SEND, _RDMA_RECV = 6, 128
+# DeepEP V1's internode tables, (nvl_send, nvl_recv, rdma_send, rdma_recv) by rank count. numba_ep's
+# internode kernels have no rings and read only num_sms; these keep configs DeepEP's.
+_INTERNODE_DISPATCH = {16: (36, 288, 20, 128), 24: (32, 288, 8, 128), 32: (32, 288, 8, 128),
+                       48: (32, 288, 8, 128), 64: (32, 288, 8, 128), 96: (20, 480, 12, 128),
+                       128: (20, 560, 12, 128), 144: (32, 720, 12, 128), 160: (28, 720, 12, 128)}
+_INTERNODE_COMBINE = {16: (4, 288, 12, 128), 24: (1, 288, 8, 128), 32: (1, 288, 8, 128),
+                      48: (1, 288, 8, 128), 64: (1, 288, 8, 128), 96: (1, 480, 8, 128),
+                      128: (1, 560, 8, 128), 144: (2, 720, 8, 128), 160: (2, 720, 8, 128)}
 
 
 def _int(name, value, minimum):
@@ -165,38 +173,44 @@ class Config:
 
 
 def _check_ranks(num_ranks):
-    """The row of the chunk tables for ``num_ranks``: itself up to 8, else 8 (internode mode,
-    whose kernels read only ``num_sms`` of a config; the chunks apply to the NVLink rings of
-    intranode mode)."""
     if isinstance(num_ranks, bool) or not isinstance(num_ranks, numbers.Integral):
         raise TypeError(f"num_ranks must be an int, got {type(num_ranks).__name__}")
     if int(num_ranks) < 1:
         raise ValueError(f"num_ranks: expected a positive rank count, got {num_ranks}")
-    return min(int(num_ranks), MAX_INTRANODE_RANKS)
+    return int(num_ranks)
+
+
+def _tuned(num_ranks, num_sms, intranode_nvl_send, internode):
+    """The config of ``num_ranks``: the intranode tables up to 8; above, DeepEP's internode
+    table at the largest listed count <= num_ranks (8's row below 16)."""
+    r = _check_ranks(num_ranks)
+    sms = DEFAULT_NUM_SMS if num_sms is None else num_sms
+    listed = [k for k in internode if k <= r]
+    if r <= MAX_INTRANODE_RANKS or not listed:
+        return Config(sms, intranode_nvl_send[min(r, MAX_INTRANODE_RANKS)], _NVL_RECV,
+                      _RDMA_SEND, _RDMA_RECV)
+    return Config(sms, *internode[max(listed)])
 
 
 def get_dispatch_config(num_ranks: int, num_sms: int | None = None) -> Config:
-    """Tuned dispatch config for ``num_ranks`` (1..8 tuned; more ranks, i.e. internode mode:
-    the 8-rank config).
+    """Tuned dispatch config for ``num_ranks``: 1..8 (intranode) tuned here; more ranks
+    (internode mode) take DeepEP's table (16, 24, 32, 48, 64, 96, 128, 144, 160 ranks; other
+    counts the largest listed below them).
 
     ``num_sms`` defaults to 24 (``Buffer.get_dispatch_config`` passes ``Buffer.num_sms`` instead,
     as DeepEP does). Chunk sizes for 2, 4, 8 ranks are DeepEP's (24, 6, 6 tokens; ring 256).
     """
-    r = _check_ranks(num_ranks)
-    return Config(DEFAULT_NUM_SMS if num_sms is None else num_sms, _DISPATCH_NVL_SEND[r],
-                  _NVL_RECV, _RDMA_SEND, _RDMA_RECV)
+    return _tuned(num_ranks, num_sms, _DISPATCH_NVL_SEND, _INTERNODE_DISPATCH)
 
 
 def get_combine_config(num_ranks: int, num_sms: int | None = None) -> Config:
-    """Tuned combine config for ``num_ranks`` (1..8 tuned; more: the 8-rank config).
+    """Tuned combine config for ``num_ranks`` (as ``get_dispatch_config``).
 
     ``num_sms`` defaults to 24. Chunk sizes for 2, 4, 8 ranks are DeepEP's (10, 9, 4 tokens;
     ring 256). A combine must use the channel count (``num_sms / 2``) of the dispatch whose handle
     it reverses.
     """
-    r = _check_ranks(num_ranks)
-    return Config(DEFAULT_NUM_SMS if num_sms is None else num_sms, _COMBINE_NVL_SEND[r],
-                  _NVL_RECV, _RDMA_SEND, _RDMA_RECV)
+    return _tuned(num_ranks, num_sms, _COMBINE_NVL_SEND, _INTERNODE_COMBINE)
 
 
 def low_latency_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,

@@ -102,12 +102,17 @@ def test_tables_reject_other_rank_counts(num_ranks):
             table(num_ranks)
 
 
-@pytest.mark.parametrize("num_ranks", [9, 16, 64])
-def test_internode_rank_counts_take_the_8_rank_tables(num_ranks):
-    # internode mode reads only num_sms; the chunks are those of 8 ranks
-    assert cfg.get_dispatch_config(num_ranks) == cfg.get_dispatch_config(8)
-    assert cfg.get_combine_config(num_ranks) == cfg.get_combine_config(8)
-    assert Buffer.get_dispatch_config(num_ranks).num_sms == Buffer.num_sms
+def test_internode_rank_counts_take_deepeps_tables():
+    # DeepEP V1's rows (notes/deepep-v1.md 1.2); internode mode reads only num_sms
+    assert cfg.get_dispatch_config(16) == Config(24, 36, 288, 20, 128)
+    assert cfg.get_combine_config(16) == Config(24, 4, 288, 12, 128)
+    assert cfg.get_dispatch_config(128) == Config(24, 20, 560, 12, 128)
+    assert cfg.get_combine_config(160) == Config(24, 2, 720, 8, 128)
+    # counts DeepEP does not list: the largest listed row below (8's below 16)
+    assert cfg.get_dispatch_config(40) == cfg.get_dispatch_config(32)
+    assert cfg.get_dispatch_config(12) == cfg.get_dispatch_config(8)
+    assert cfg.get_combine_config(1000) == cfg.get_combine_config(160)
+    assert Buffer.get_dispatch_config(16).num_sms == Buffer.num_sms
 
 
 def test_tables_reject_non_int():
