@@ -1088,7 +1088,8 @@ class Buffer:
                 ``topk_idx`` / ``topk_weights`` must be None and the counts are not needed).
             num_tokens_per_rank ``[R] int32``, is_token_in_rank ``[T, R] bool``,
                 num_tokens_per_expert ``[E] int32``: from ``get_dispatch_layout`` (required
-                unless cached). num_tokens_per_rdma_rank: ignored within a node.
+                unless cached). num_tokens_per_rdma_rank ``[num_nodes] int32``: required across
+                nodes (internode mode, from ``get_dispatch_layout``), ignored within a node.
             topk_idx ``[T, K] int64`` and topk_weights ``[T, K] float32``: both or neither.
             expert_alignment: round each per-expert count up to a multiple of this (>= 1).
             num_worst_tokens: if > 0, receive exactly this many rows (it must be at least the
@@ -1104,7 +1105,8 @@ class Buffer:
             by source rank, then the source's token order; recv_topk_idx ``[N, K] int64`` local
             expert ids (-1 where the expert is elsewhere); recv_topk_weights ``[N, K] float32``
             (0 where the id is -1); the per-expert list ``list[int]`` of length E/R; the handle
-            (see ``_Handle``). Cached mode returns ``(recv_x, None, None, None, None, event)``.
+            (see ``_Handle``; across nodes DeepEP's 10-item ``_InternodeHandle``). Cached mode
+            returns ``(recv_x, None, None, None, None, event)``.
         """
         self._check_usable("dispatch")
         if self._internode("dispatch"):

@@ -50,3 +50,18 @@ def test_internode_round_trips(ranks, compiled, monkeypatch, nranks, gpus_per_no
     # the checks are not vacuous: rows moved in every round trip, somewhere
     for i in range(5):
         assert sum(r[i] for r in results) > 0, results
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+def test_timeout_names_the_absent_node(ranks, compiled, monkeypatch):
+    """No silent hang across nodes: a rank whose peer on the other node never dispatches gets
+    CommTimeoutError naming it, within seconds, and its Buffer refuses further work."""
+    monkeypatch.setenv("NUMBA_EP_GPUS_PER_NODE", "1")
+    results = ranks(f"{WORKERS}:timeout_absent_peer", 2, 2.0, timeout=120, group_timeout=90)
+    r0 = results[0]
+    assert r0["error"] is not None, "dispatch without its peer must time out"
+    assert "rank 1" in r0["error"] and r0["what"] == "internode_notify", r0
+    assert r0["elapsed"] < 30, f"took {r0['elapsed']:.1f} s with timeout_s=2"
+    assert "unusable" in r0["after"], r0["after"]
+    assert results[1] == {"rank": 1}

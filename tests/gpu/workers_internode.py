@@ -187,3 +187,42 @@ def suite(group, seed):
     finally:
         buf.destroy()
     return received
+
+
+def timeout_absent_peer(group, timeout_s=2.0):
+    """2 ranks as 2 nodes of 1: rank 1 never dispatches; rank 0 must raise CommTimeoutError
+    naming rank 1 within seconds (its notify waits for rank 1's meta), and refuse further work.
+    Both ranks then destroy the Buffer together."""
+    import time
+
+    import cupy
+
+    from numba_ep import Buffer
+    from numba_ep.errors import CommTimeoutError
+
+    rank = group.rank
+    xs, topks, ws, E = _inputs(7, SMALL, group.size)
+    buf = Buffer(group, num_rdma_bytes=64 << 20, timeout_s=timeout_s, explicitly_destroy=True)
+    x = cupy.asarray(xs[rank].view(np.uint16))
+    topk, w = cupy.asarray(topks[rank]), cupy.asarray(ws[rank])
+    per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(topk, E)
+    kw = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
+              is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=topk,
+              topk_weights=w, config=Buffer.get_dispatch_config(group.size))
+    result = {"rank": rank}
+    if rank == 0:
+        t0 = time.monotonic()
+        try:
+            buf.dispatch(x, **kw)
+            result["error"] = None
+        except CommTimeoutError as e:
+            result.update(error=str(e), peer=e.peer, what=e.what)
+        result["elapsed"] = time.monotonic() - t0
+        try:
+            buf.dispatch(x, **kw)
+            result["after"] = "no error"
+        except RuntimeError as e:
+            result["after"] = str(e)
+    group.barrier()       # rank 1 waits here while rank 0 times out
+    buf.destroy()         # collective
+    return result
