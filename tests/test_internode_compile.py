@@ -70,14 +70,16 @@ def test_need_names_the_bytes():
 @pytest.mark.slow
 def test_kernels_compile_and_link_nvshmem(sm90):
     """notify, dispatch (BF16 with top-k; FP8 with scales and no top-k) and combine compile for
-    sm_90 and need NVSHMEM's device library; ptxas keeps them within 128 registers, no spills
-    (512-thread blocks)."""
+    sm_90 and need NVSHMEM's device library, at 2 x 2, 2 x 4 and 16 x 1."""
     from numba_ep.launch import compile_cubin, parse_signature
 
     for factory, sig, kw in (I.notify_spec(4, 2, 12, 64),
                              I.dispatch_spec(4, 2, 12, 64, 2 * 7168, 0, 8),
                              I.dispatch_spec(4, 2, 12, 0, 7168, 56, 0),
-                             I.combine_spec(4, 2, 12, 7168, 8)):
+                             I.combine_spec(4, 2, 12, 7168, 8),
+                             # 2 nodes of 4 (no machine lent for it yet) and 16 of 1
+                             I.dispatch_spec(8, 4, 12, 256, 2 * 7168, 0, 8),
+                             I.combine_spec(16, 1, 12, 7168, 8)):
         kw = dict(kw)
         bounds = kw.pop("launch_bounds", None)
         cubin, meta = compile_cubin(factory(**kw), parse_signature(sig), (9, 0),
