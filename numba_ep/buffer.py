@@ -699,6 +699,10 @@ class Buffer:
         self._ll_pending = None
         #: bumped by clean_low_latency_buffer: hooks of earlier calls become invalid
         self._ll_generation = 0
+        #: NVSHMEM bytes each low-latency shape (M, hidden, num_experts) needs, once computed
+        self._ll_need = {}
+        #: the InternodeContext over the NVSHMEM buffer, created on first internode use
+        self._ictx = None
 
     def _register(self):
         self._id = next(_buffer_ids)
@@ -749,14 +753,14 @@ class Buffer:
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        """Tuned dispatch ``Config`` for ``num_ranks`` (1..8; more: the 8-rank one) with
-        ``Buffer.num_sms`` SMs."""
+        """Tuned dispatch ``Config`` for ``num_ranks`` with ``Buffer.num_sms`` SMs (1..8 ranks:
+        numba_ep's tables; more: DeepEP's internode rows, see ``numba_ep.config``)."""
         return _config.get_dispatch_config(num_ranks, num_sms=Buffer.num_sms)
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        """Tuned combine ``Config`` for ``num_ranks`` (1..8; more: the 8-rank one) with
-        ``Buffer.num_sms`` SMs."""
+        """Tuned combine ``Config`` for ``num_ranks`` with ``Buffer.num_sms`` SMs (as
+        ``get_dispatch_config``)."""
         return _config.get_combine_config(num_ranks, num_sms=Buffer.num_sms)
 
     @staticmethod
@@ -1246,13 +1250,7 @@ class Buffer:
         slots = p.config.num_max_nvl_chunked_recv_tokens
         with call.on_caller():
             x_b = bytes_view(p.x, "x")
-            sc = None
-            if p.scales is not None:
-                sc = device_view(p.scales, "x_scales")
-                if sc.dtype != np.float32:
-                    sc = sc.view(np.float32)       # int32 UE8M0 words travel as raw 32-bit values
-                if sc.ndim == 1:
-                    sc = sc[:, None]
+            sc = _scales_view(p.scales)
             topk = device_view(p.topk_idx, "topk_idx")
             weights = device_view(p.topk_weights, "topk_weights")
             if p.handle is not None:
@@ -1568,7 +1566,7 @@ class Buffer:
         between two NVSHMEM barriers (collective, like every internode call)."""
         from numba_ep.kernels import internode
 
-        ctx = getattr(self, "_ictx", None)
+        ctx = self._ictx
         if ctx is None:
             ctx = self._ictx = internode.InternodeContext(
                 self._sym, self.rank, self.group_size, self.num_gpus_per_node,
@@ -1603,13 +1601,7 @@ class Buffer:
             _refuse_capture(call, "dispatch")
             with call.on_caller():
                 x_b = bytes_view(x, "x")
-                sc = None
-                if scales is not None:
-                    sc = device_view(scales, "x_scales")
-                    if sc.dtype != np.float32:
-                        sc = sc.view(np.float32)   # int32 UE8M0 words travel as raw 32 bits
-                    if sc.ndim == 1:
-                        sc = sc[:, None]
+                sc = _scales_view(scales)
                 topk = device_view(topk_idx, "topk_idx")
                 weights = device_view(topk_weights, "topk_weights")
                 in_rank_d = device_view(in_rank, "is_token_in_rank")
@@ -1698,7 +1690,11 @@ class Buffer:
         return combined, combined_w, event
 
     def _check_internode_handle(self, handle, what):
-        """The 10 items of an internode dispatch handle, as host views by name."""
+        """The 10 items of an internode dispatch handle as device (or host) views by name. A
+        handle this Buffer's GPU dispatch made carries them already (``dev``; the tuple is
+        immutable), so only foreign handles are checked and converted, item by item."""
+        if getattr(handle, "buffer_id", None) == self._id and getattr(handle, "dev", None):
+            return handle.dev
         if not isinstance(handle, (tuple, list)) or len(handle) != len(_INTERNODE_HANDLE_ITEMS):
             got = (f"a {type(handle).__name__} of length {len(handle)}"
                    if isinstance(handle, (tuple, list)) else type(handle).__name__)
@@ -1937,10 +1933,9 @@ class Buffer:
     def _check_ll_size(self, what, M, H, E):
         R = self.group_size
         # The hint lays out the whole buffer (~15 us of Python): once per shape and Buffer.
-        cache = self.__dict__.setdefault("_ll_need", {})
-        need = cache.get((M, H, E))
+        need = self._ll_need.get((M, H, E))
         if need is None:
-            need = cache[(M, H, E)] = int(self.get_low_latency_rdma_size_hint(M, H, R, E))
+            need = self._ll_need[(M, H, E)] = int(self.get_low_latency_rdma_size_hint(M, H, R, E))
         have = 0 if self._sym is None else int(self._sym.nbytes)
         if need > have:
             raise ValueError(
@@ -2155,6 +2150,18 @@ def _no_gpu() -> bool:
     from numba_ep.group import gpu_count
 
     return gpu_count() == 0
+
+
+def _scales_view(scales):
+    """The kernels' view of a dispatch's ``x_scales`` (None stays None): float32 ``[T, S]``
+    with the caller's strides; int32 UE8M0 words travel as raw 32-bit values, and ``[T]``
+    scales become ``[T, 1]``."""
+    sc = device_view(scales, "x_scales")
+    if sc is None:
+        return None
+    if sc.dtype != np.float32:
+        sc = sc.view(np.float32)
+    return sc[:, None] if sc.ndim == 1 else sc
 
 
 def _refuse_capture(call, what):
