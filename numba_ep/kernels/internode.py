@@ -196,6 +196,36 @@ def wait_epoch(addr, epoch, timeout_ns, err_addr, kernel_id, rank, peer, channel
     return True
 
 
+def make_publish(num_nodes, num_gpus_per_node):
+    """``publish(base, flags, node, gpu, c, epoch)``, called by every thread of a block once
+    its puts and stores for channel ``c`` are issued: completes them (fence, barrier,
+    ``nvshmem_quiet``), then sets word ``[node][c]`` of the flag array at byte offset ``flags``
+    to ``epoch`` at GPU ``gpu`` of every node (thread n signals node n): a release store for my
+    own node, ``nvshmem_int_p`` for the others. The sender of dispatch and the forwarder of
+    combine end a channel with it."""
+    import nvshmem.bindings.device.numba as nvb
+
+    N, G = num_nodes, num_gpus_per_node
+
+    @cuda.jit(device=True, inline=True)
+    def publish(base, flags, node, gpu, c, epoch):
+        tid = cuda.threadIdx.x
+        ptx.fence_acq_rel_sys()
+        cuda.syncthreads()
+        if tid == 0:
+            nvb.quiet()
+        cuda.syncthreads()
+        if tid < N:
+            off = uint64(flags + 4 * (node * MAX_CHANNELS + c))
+            if tid == node:
+                ptx.fence_acq_rel_sys()
+                ptx.st_release_sys_i32(base + off, epoch)
+            else:
+                nvb.int_p(ptx.ptr_i32(base + off), epoch, int32(tid * G + gpu))
+
+    return publish
+
+
 @cuda.jit(device=True, inline=True)
 def _add8(acc, a, b, c, d):
     lo, hi = ptx.bf16x2_to_f32x2(a)
@@ -478,6 +508,7 @@ def make_dispatch(num_ranks, num_gpus_per_node, num_channels, num_experts, row_b
     OFF_W, OFF_CNT = OFF_K + 4 * K, OFF_K + 8 * K
     OFF_NODE = 1                 # a meta slot's counts toward my node
     TARGETS = R + N
+    publish = make_publish(N, G)
 
     def dispatch(rank, peers_addr, base, half, max_tokens, recv_off, num_tokens, num_recv,
                  x_addr, sc_addr, s0,
@@ -561,18 +592,7 @@ def make_dispatch(num_ranks, num_gpus_per_node, num_channels, num_experts, row_b
                                                    uint64(REC), int32(n * G + gpu))
                 t += WARPS
             # 3. Channel c delivered to every forwarder: quiet, then its flag.
-            ptx.fence_acq_rel_sys()
-            cuda.syncthreads()
-            if tid == 0:
-                nvb.quiet()
-            cuda.syncthreads()
-            if tid < N:
-                off = uint64(DISP_FLAG + 4 * (node * MAX_CHANNELS + c))
-                if tid == node:
-                    ptx.fence_acq_rel_sys()
-                    ptx.st_release_sys_i32(base + off, epoch)
-                else:
-                    nvb.int_p(ptx.ptr_i32(base + off), epoch, int32(tid * G + gpu))
+            publish(base, DISP_FLAG, node, gpu, c, epoch)
         else:
             # ---------------- receiver of channel c ----------------
             c = cuda.blockIdx.x - C
@@ -659,6 +679,7 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
     CREC = combine_record_bytes(H, K)
     CSEND = hdr["bytes"]
     H16 = 2 * H // 16
+    publish = make_publish(N, G)
 
     def combine(rank, peers_addr, base, max_tokens, cred_off, cstage_off, num_tokens, num_recv,
                 x_addr, w_addr,
@@ -768,18 +789,7 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
                             ptx.ptr_u8(dst), uint64(CREC), int32(s))
                     cuda.syncwarp()
                     k += WARPS
-            ptx.fence_acq_rel_sys()
-            cuda.syncthreads()
-            if tid == 0:
-                nvb.quiet()
-            cuda.syncthreads()
-            if tid < N:
-                off = uint64(COMB_FLAG + 4 * (node * MAX_CHANNELS + c))
-                if tid == node:
-                    ptx.fence_acq_rel_sys()
-                    ptx.st_release_sys_i32(base + off, epoch)
-                else:
-                    nvb.int_p(ptx.ptr_i32(base + off), epoch, int32(tid * G + gpu))
+            publish(base, COMB_FLAG, node, gpu, c, epoch)
         else:
             # ---------------- source of channel c: my tokens ----------------
             c = cuda.blockIdx.x - C
@@ -836,19 +846,23 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
 
 # ---------------------------------------------------------------------------------------------
 # Kernel specifications: the one place that turns sizes into compile-time constants
-# (``(factory, signature, get_kernel keywords)``, as in intranode.py).
+# (``(factory, signature, get_kernel keywords)``, as in intranode.py), memoised: launchers ask for
+# them on every call.
 # ---------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=256)
 def notify_spec(num_ranks, num_gpus_per_node, num_channels, num_experts):
     return (make_notify, NOTIFY_SIG,
             dict(num_ranks=num_ranks, num_gpus_per_node=num_gpus_per_node,
                  num_channels=num_channels, num_experts=num_experts))
 
 
+@functools.lru_cache(maxsize=256)
 def sync_spec(num_ranks, num_gpus_per_node):
     return (make_sync, SYNC_SIG, dict(num_ranks=num_ranks, num_gpus_per_node=num_gpus_per_node))
 
 
+@functools.lru_cache(maxsize=256)
 def dispatch_spec(num_ranks, num_gpus_per_node, num_channels, num_experts, row_bytes,
                   num_scales, num_topk):
     return (make_dispatch, DISPATCH_SIG,
@@ -858,6 +872,7 @@ def dispatch_spec(num_ranks, num_gpus_per_node, num_channels, num_experts, row_b
                  num_topk=num_topk))
 
 
+@functools.lru_cache(maxsize=256)
 def combine_spec(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
     return (make_combine, COMBINE_SIG,
             dict(launch_bounds=(THREADS, 1), num_ranks=num_ranks,
