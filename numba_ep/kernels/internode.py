@@ -96,7 +96,7 @@ from numba import cuda, float32, int32, int64, uint32, uint64
 
 from numba_ep.interop import address
 from numba_ep.kernels import ptx
-from numba_ep.kernels.intranode import _align, channel_range, copy_row
+from numba_ep.kernels.intranode import _add_bf16x8, _align, channel_range, copy_row
 from numba_ep.kernels.waits import KERNEL_IDS, record_timeout, timed_out
 
 THREADS = 512               # 16 warps per block
@@ -227,25 +227,10 @@ def make_publish(num_nodes, num_gpus_per_node):
 
 
 @cuda.jit(device=True, inline=True)
-def _add8(acc, a, b, c, d):
-    lo, hi = ptx.bf16x2_to_f32x2(a)
-    acc[0] += lo
-    acc[1] += hi
-    lo, hi = ptx.bf16x2_to_f32x2(b)
-    acc[2] += lo
-    acc[3] += hi
-    lo, hi = ptx.bf16x2_to_f32x2(c)
-    acc[4] += lo
-    acc[5] += hi
-    lo, hi = ptx.bf16x2_to_f32x2(d)
-    acc[6] += lo
-    acc[7] += hi
-
-
-@cuda.jit(device=True, inline=True)
 def _store8(addr, acc):
-    ptx.st_na_v4(addr, ptx.cvt_bf16x2(acc[0], acc[1]), ptx.cvt_bf16x2(acc[2], acc[3]),
-                 ptx.cvt_bf16x2(acc[4], acc[5]), ptx.cvt_bf16x2(acc[6], acc[7]))
+    """Row 0 of ``acc`` ([1, 8] float32, summed by intranode's ``_add_bf16x8``) as 8 bf16."""
+    ptx.st_na_v4(addr, ptx.cvt_bf16x2(acc[0, 0], acc[0, 1]), ptx.cvt_bf16x2(acc[0, 2], acc[0, 3]),
+                 ptx.cvt_bf16x2(acc[0, 4], acc[0, 5]), ptx.cvt_bf16x2(acc[0, 6], acc[0, 7]))
 
 
 @cuda.jit(device=True, inline=True)
@@ -691,7 +676,7 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
         warp = tid >> 5
         last = cuda.shared.array(1, int32)
         srcs = cuda.shared.array((WARPS, MAX_GPUS_PER_NODE), uint64)
-        acc = cuda.local.array(8, float32)
+        acc = cuda.local.array((1, 8), float32)
         peers = ptx.ptr_u64(peers_addr)
         node = rank // G
         gpu = rank - node * G
@@ -764,12 +749,12 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
                     j = lane
                     while j < H16:
                         for u in range(8):
-                            acc[u] = float32(0)
+                            acc[0, u] = float32(0)
                         for g in range(G):
                             sg = srcs[warp, g]
                             if sg != 0:
                                 a0, a1, a2, a3 = ptx.ld_nc_v4(sg + uint64(j * 16))
-                                _add8(acc, a0, a1, a2, a3)
+                                _add_bf16x8(acc, 0, a0, a1, a2, a3)
                         _store8(dst + uint64(j * 16), acc)
                         j += 32
                     if lane < K:
@@ -814,20 +799,20 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
                 j = lane
                 while j < H16:
                     for u in range(8):
-                        acc[u] = float32(0)
+                        acc[0, u] = float32(0)
                     if bias0_addr != 0:
                         a0, a1, a2, a3 = ptx.ld_nc_v4(bias0_addr + uint64((int64(t) * H16 + j)
                                                                           * 16))
-                        _add8(acc, a0, a1, a2, a3)
+                        _add_bf16x8(acc, 0, a0, a1, a2, a3)
                     if bias1_addr != 0:
                         a0, a1, a2, a3 = ptx.ld_nc_v4(bias1_addr + uint64((int64(t) * H16 + j)
                                                                           * 16))
-                        _add8(acc, a0, a1, a2, a3)
+                        _add_bf16x8(acc, 0, a0, a1, a2, a3)
                     for n in range(N):
                         sn = srcs[warp, n]
                         if sn != 0:
                             a0, a1, a2, a3 = ptx.ld_volatile_v4(sn + uint64(j * 16))
-                            _add8(acc, a0, a1, a2, a3)
+                            _add_bf16x8(acc, 0, a0, a1, a2, a3)
                     _store8(out_addr + uint64((int64(t) * H16 + j) * 16), acc)
                     j += 32
                 if lane < K and out_w_addr != 0:
