@@ -227,6 +227,18 @@ def make_publish(num_nodes, num_gpus_per_node):
 
 
 @cuda.jit(device=True, inline=True)
+def _sum_weights(srcs, warp, num_sources, offset, lane):
+    """Sum over the first ``num_sources`` rows of ``srcs[warp]`` (row addresses, 0 = absent) of
+    the float32 at byte ``offset + 4 * lane`` of each: a combine's top-k weight ``lane``."""
+    wsum = float32(0)
+    for g in range(num_sources):
+        sg = srcs[warp, g]
+        if sg != 0:
+            wsum += ptx.bitcast_u32_f32(ptx.ld_volatile_u32(sg + uint64(offset + 4 * lane)))
+    return wsum
+
+
+@cuda.jit(device=True, inline=True)
 def _store8(addr, acc):
     """Row 0 of ``acc`` ([1, 8] float32, summed by intranode's ``_add_bf16x8``) as 8 bf16."""
     ptx.st_na_v4(addr, ptx.cvt_bf16x2(acc[0, 0], acc[0, 1]), ptx.cvt_bf16x2(acc[0, 2], acc[0, 3]),
@@ -252,7 +264,8 @@ NOTIFY_SIG = ("void(int32, uint64, uint64, uint64, uint64, int32, int32, int32, 
 def make_notify(num_ranks, num_gpus_per_node, num_channels, num_experts):
     """Arguments: rank, peer table (uint64 [R]; 0 = other node), my symmetric base,
     is_token_in_rank (bool [T, R]), tokens per expert (int32 [E], or 0), T, expert alignment,
-    epoch, meta half (0 or 1), then the outputs rdma_channel_prefix_matrix [N, C], gbl_channel_prefix_matrix [R, C],
+    epoch, meta half (0 or 1), then the outputs rdma_channel_prefix_matrix [N, C],
+    gbl_channel_prefix_matrix [R, C],
     recv_rdma_channel_prefix_matrix [N, C], recv_rdma_rank_prefix_sum [N],
     recv_gbl_channel_prefix_matrix [R, C], recv_gbl_rank_prefix_sum [R] (int32), the host
     counters (mapped int32 [3 + L]), timeout_ns, err_addr."""
@@ -758,13 +771,8 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
                         _store8(dst + uint64(j * 16), acc)
                         j += 32
                     if lane < K:
-                        wsum = float32(0)
-                        for g in range(G):
-                            sg = srcs[warp, g]
-                            if sg != 0:
-                                wsum += ptx.bitcast_u32_f32(ptx.ld_volatile_u32(
-                                    sg + uint64(2 * H + 4 * lane)))
-                        ptx.ptr_f32(dst + uint64(2 * H))[lane] = wsum
+                        ptx.ptr_f32(dst + uint64(2 * H))[lane] = _sum_weights(srcs, warp, G,
+                                                                              2 * H, lane)
                     if a != node:
                         ptx.fence_acq_rel_sys()
                         cuda.syncwarp()
@@ -816,13 +824,8 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
                     _store8(out_addr + uint64((int64(t) * H16 + j) * 16), acc)
                     j += 32
                 if lane < K and out_w_addr != 0:
-                    wsum = float32(0)
-                    for n in range(N):
-                        sn = srcs[warp, n]
-                        if sn != 0:
-                            wsum += ptx.bitcast_u32_f32(ptx.ld_volatile_u32(
-                                sn + uint64(2 * H + 4 * lane)))
-                    ptx.ptr_f32(out_w_addr)[int64(t) * K + lane] = wsum
+                    ptx.ptr_f32(out_w_addr)[int64(t) * K + lane] = _sum_weights(srcs, warp, N,
+                                                                                2 * H, lane)
                 cuda.syncwarp()
                 t += WARPS
 
@@ -1014,8 +1017,8 @@ def dispatch(ctx, x_bytes, x_scales, topk_idx, topk_weights, is_token_in_rank, p
     rdma_prefix, _, _, recv_rdma_sum, recv_gbl_prefix, _ = prefixes
     k = _get(dispatch_spec(R, G, C, E, Hb, S, K))
     k.launch(2 * C, THREADS, ctx.rank, _addr(ctx.peers), ctx.base, ctx.half, max_tokens,
-             recv_off, T, recv_x_bytes.shape[0], _addr(x_bytes), _addr(x_scales), s0, s1, _addr(topk_idx),
-             _addr(topk_weights), _addr(is_token_in_rank), _addr(rdma_prefix),
+             recv_off, T, recv_x_bytes.shape[0], _addr(x_bytes), _addr(x_scales), s0, s1,
+             _addr(topk_idx), _addr(topk_weights), _addr(is_token_in_rank), _addr(rdma_prefix),
              _addr(recv_rdma_sum), _addr(recv_gbl_prefix), _addr(recv_x_bytes),
              _addr(recv_x_scales), _addr(recv_topk_idx), _addr(recv_topk_weights),
              _addr(recv_src_meta), _addr(send_rdma_head), _addr(send_nvl_head), ctx.epoch,
@@ -1041,7 +1044,8 @@ def combine(ctx, x_bf16, topk_weights, handle, max_tokens, bias0, bias1, out, ou
                                  stream=stream)
     k = _get(combine_spec(R, G, C, H, K))
     k.launch(2 * C, THREADS, ctx.rank, _addr(ctx.peers), ctx.base, max_tokens, cred_off,
-             cstage_off, T, num_recv, _addr(x_bf16), _addr(topk_weights), _addr(handle["rdma_channel_prefix_matrix"]),
+             cstage_off, T, num_recv, _addr(x_bf16), _addr(topk_weights),
+             _addr(handle["rdma_channel_prefix_matrix"]),
              _addr(handle["recv_rdma_channel_prefix_matrix"]),
              _addr(handle["recv_rdma_rank_prefix_sum"]),
              _addr(handle["recv_gbl_channel_prefix_matrix"]), _addr(handle["send_rdma_head"]),
