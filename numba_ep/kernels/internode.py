@@ -96,7 +96,7 @@ from numba import cuda, float32, int32, int64, uint32, uint64
 
 from numba_ep.interop import address
 from numba_ep.kernels import ptx
-from numba_ep.kernels.intranode import _add_bf16x8, _align, channel_range, copy_row
+from numba_ep.kernels.intranode import _add_bf16x8, _align, _ld16, channel_range, copy_row
 from numba_ep.kernels.waits import KERNEL_IDS, record_timeout, timed_out
 
 THREADS = 512               # 16 warps per block
@@ -105,6 +105,7 @@ MAX_CHANNELS = 64           # flag arrays are sized for this many channels
 MAX_LOCAL_EXPERTS = 1024
 MAX_GPUS_PER_NODE = 32      # a node's GPUs fit in one warp (ballots, lane-per-GPU loads)
 UNROLL = 8                  # 16-byte loads in flight per lane in row copies
+ACC_UNROLL = 4              # ... and per source row in combine's sums (registers: 48 a lane)
 FULL = 0xFFFFFFFF
 
 _NOTIFY = KERNEL_IDS["internode_notify"]
@@ -239,10 +240,39 @@ def _sum_weights(srcs, warp, num_sources, offset, lane):
 
 
 @cuda.jit(device=True, inline=True)
-def _store8(addr, acc):
-    """Row 0 of ``acc`` ([1, 8] float32, summed by intranode's ``_add_bf16x8``) as 8 bf16."""
-    ptx.st_na_v4(addr, ptx.cvt_bf16x2(acc[0, 0], acc[0, 1]), ptx.cvt_bf16x2(acc[0, 2], acc[0, 3]),
-                 ptx.cvt_bf16x2(acc[0, 4], acc[0, 5]), ptx.cvt_bf16x2(acc[0, 6], acc[0, 7]))
+def _zero(acc):
+    for u in range(ACC_UNROLL):
+        for e in range(8):
+            acc[u, e] = float32(0)
+
+
+@cuda.jit(device=True, inline=True)
+def _add_row(acc, vals, src, j0, h16, nc):
+    """acc[u] += the eight bf16 values of 16-byte chunk ``j0 + 32u`` of the row at ``src``, for
+    u < ACC_UNROLL: all loads first, so that ACC_UNROLL of them are in flight per lane (a remote
+    row over NVLink costs a microsecond of latency per round)."""
+    for u in range(ACC_UNROLL):
+        j = j0 + 32 * u
+        if j < h16:
+            a0, a1, a2, a3 = _ld16(src + uint64(j * 16), nc)
+            vals[u, 0] = a0
+            vals[u, 1] = a1
+            vals[u, 2] = a2
+            vals[u, 3] = a3
+    for u in range(ACC_UNROLL):
+        if j0 + 32 * u < h16:
+            _add_bf16x8(acc, u, vals[u, 0], vals[u, 1], vals[u, 2], vals[u, 3])
+
+
+@cuda.jit(device=True, inline=True)
+def _store_row(dst, acc, j0, h16):
+    for u in range(ACC_UNROLL):
+        j = j0 + 32 * u
+        if j < h16:
+            ptx.st_na_v4(dst + uint64(j * 16), ptx.cvt_bf16x2(acc[u, 0], acc[u, 1]),
+                         ptx.cvt_bf16x2(acc[u, 2], acc[u, 3]),
+                         ptx.cvt_bf16x2(acc[u, 4], acc[u, 5]),
+                         ptx.cvt_bf16x2(acc[u, 6], acc[u, 7]))
 
 
 @cuda.jit(device=True, inline=True)
@@ -405,7 +435,7 @@ def make_notify(num_ranks, num_gpus_per_node, num_channels, num_experts):
             r += THREADS
         host = ptx.ptr_i32(host_addr)
         e = tid
-        while e < L:
+        while e < L and host_addr != 0:
             n = int32(0)
             if per_expert_addr != 0:
                 for s in range(R):
@@ -433,10 +463,11 @@ def make_notify(num_ranks, num_gpus_per_node, num_channels, num_experts):
             tmax = int32(0)
             for s in range(R):
                 tmax = max(tmax, ptx.ptr_i32(all_meta + uint64(4 * s * META_WORDS))[0])
-            host[1] = racc
-            host[2] = tmax
-            ptx.fence_acq_rel_sys()
-            ptx.st_release_sys_i32(host_addr, acc)
+            if host_addr != 0:
+                host[1] = racc
+                host[2] = tmax
+                ptx.fence_acq_rel_sys()
+                ptx.st_release_sys_i32(host_addr, acc)
 
     return notify
 
@@ -689,7 +720,8 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
         warp = tid >> 5
         last = cuda.shared.array(1, int32)
         srcs = cuda.shared.array((WARPS, MAX_GPUS_PER_NODE), uint64)
-        acc = cuda.local.array((1, 8), float32)
+        acc = cuda.local.array((ACC_UNROLL, 8), float32)
+        vals = cuda.local.array((ACC_UNROLL, 4), uint32)
         peers = ptx.ptr_u64(peers_addr)
         node = rank // G
         gpu = rank - node * G
@@ -759,17 +791,15 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
                         dst = base + uint64(cred_off + (int64(node) * max_tokens + k) * CREC)
                     else:
                         dst = base + uint64(csend_off + (int64(a) * max_tokens + k) * CREC)
-                    j = lane
-                    while j < H16:
-                        for u in range(8):
-                            acc[0, u] = float32(0)
+                    j0 = lane
+                    while j0 < H16:
+                        _zero(acc)
                         for g in range(G):
                             sg = srcs[warp, g]
                             if sg != 0:
-                                a0, a1, a2, a3 = ptx.ld_nc_v4(sg + uint64(j * 16))
-                                _add_bf16x8(acc, 0, a0, a1, a2, a3)
-                        _store8(dst + uint64(j * 16), acc)
-                        j += 32
+                                _add_row(acc, vals, sg, j0, H16, True)
+                        _store_row(dst, acc, j0, H16)
+                        j0 += 32 * ACC_UNROLL
                     if lane < K:
                         ptx.ptr_f32(dst + uint64(2 * H))[lane] = _sum_weights(srcs, warp, G,
                                                                               2 * H, lane)
@@ -804,25 +834,20 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
                         src = base + uint64(cred_off + (int64(lane) * max_tokens + k) * CREC)
                     srcs[warp, lane] = src
                 cuda.syncwarp()
-                j = lane
-                while j < H16:
-                    for u in range(8):
-                        acc[0, u] = float32(0)
+                row_off = uint64(int64(t) * H16 * 16)
+                j0 = lane
+                while j0 < H16:
+                    _zero(acc)
                     if bias0_addr != 0:
-                        a0, a1, a2, a3 = ptx.ld_nc_v4(bias0_addr + uint64((int64(t) * H16 + j)
-                                                                          * 16))
-                        _add_bf16x8(acc, 0, a0, a1, a2, a3)
+                        _add_row(acc, vals, bias0_addr + row_off, j0, H16, True)
                     if bias1_addr != 0:
-                        a0, a1, a2, a3 = ptx.ld_nc_v4(bias1_addr + uint64((int64(t) * H16 + j)
-                                                                          * 16))
-                        _add_bf16x8(acc, 0, a0, a1, a2, a3)
+                        _add_row(acc, vals, bias1_addr + row_off, j0, H16, True)
                     for n in range(N):
                         sn = srcs[warp, n]
                         if sn != 0:
-                            a0, a1, a2, a3 = ptx.ld_volatile_v4(sn + uint64(j * 16))
-                            _add_bf16x8(acc, 0, a0, a1, a2, a3)
-                    _store8(out_addr + uint64((int64(t) * H16 + j) * 16), acc)
-                    j += 32
+                            _add_row(acc, vals, sn, j0, H16, False)
+                    _store_row(out_addr + row_off, acc, j0, H16)
+                    j0 += 32 * ACC_UNROLL
                 if lane < K and out_w_addr != 0:
                     ptx.ptr_f32(out_w_addr)[int64(t) * K + lane] = _sum_weights(srcs, warp, N,
                                                                                 2 * H, lane)
@@ -953,13 +978,15 @@ def _addr(a) -> int:
 
 
 def notify(ctx, is_token_in_rank, num_tokens_per_expert, num_experts, num_channels,
-           expert_alignment, stream):
+           expert_alignment, stream, counts=True):
     """Enqueue notify (collective). Returns the six prefix items of the handle, CuPy int32:
     ``(rdma_channel_prefix_matrix [N, C], gbl_channel_prefix_matrix [R, C],
     recv_rdma_channel_prefix_matrix [N, C], recv_rdma_rank_prefix_sum [N],
     recv_gbl_channel_prefix_matrix [R, C], recv_gbl_rank_prefix_sum [R])``, filled when the
     kernel runs; ``wait_counts`` then gives the sizes. ``num_tokens_per_expert`` may be None
-    (a cached dispatch): the per-expert counts are then zeros."""
+    (a cached dispatch): the per-expert counts are then zeros. ``counts=False`` (a cached
+    dispatch, whose sizes the host knows from the handle): the host counters are not written, so
+    a notify still queued cannot overwrite the counters of a later one."""
     import cupy
 
     R, G, N, C = ctx.num_ranks, ctx.num_gpus_per_node, ctx.num_nodes, num_channels
@@ -974,11 +1001,12 @@ def notify(ctx, is_token_in_rank, num_tokens_per_expert, num_experts, num_channe
     outs = (cupy.empty((N, C), np.int32), cupy.empty((R, C), np.int32),
             cupy.empty((N, C), np.int32), cupy.empty((N,), np.int32),
             cupy.empty((R, C), np.int32), cupy.empty((R,), np.int32))
-    ctx.counters[: 3 + E // R] = -1
+    if counts:
+        ctx.counters[: 3 + E // R] = -1
     k = _get(notify_spec(R, G, C, E))
     k.launch(1, THREADS, ctx.rank, _addr(ctx.peers), ctx.base, _addr(is_token_in_rank),
              _addr(num_tokens_per_expert), T, int(expert_alignment), ctx.next_epoch(), ctx.half,
-             *(_addr(o) for o in outs), ctx.counters_dev, ctx.timeout_ns,
+             *(_addr(o) for o in outs), ctx.counters_dev if counts else 0, ctx.timeout_ns,
              ctx.errors.device_address, stream=stream)
     return outs
 
