@@ -59,8 +59,9 @@ class Emulator:
                 emu.calls.append(("ctx", dict(rank=rank_, R=num_ranks, G=gpus)))
                 self.num_nodes = num_ranks // gpus
 
-        def notify(ctx, in_rank, per_expert, E_, C_, align, stream):
-            emu.calls.append(("notify", dict(E=E_, C=C_, per_expert=per_expert)))
+        def notify(ctx, in_rank, per_expert, E_, C_, align, stream, counts=True):
+            emu.calls.append(("notify", dict(E=E_, C=C_, per_expert=per_expert,
+                                             counts=counts)))
             return tuple(np.array(mine[k]) for k in HANDLE_ITEMS[1:7])
 
         def wait_counts(ctx, L):
@@ -141,8 +142,11 @@ def test_dispatch_cached_dispatch_and_combine_through_the_glue(monkeypatch, rank
 
     # cached: FP8 with column-major scales; no top-k, no per-expert counts (E = 0 to notify)
     x8, s8 = reference.per_token_cast_to_fp8(xs[rank])
+    waits = emu.names().count("wait")
     (r8, rs8), *rest = buf.dispatch((x8, np.asfortranarray(s8)), handle=handle, config=CONFIG)
     assert rest[:4] == [None, None, None, None]
+    # the handle knows the sizes: no host wait, and notify leaves the host counters alone
+    assert emu.names().count("wait") == waits and emu.last("notify")["counts"] is False
     d = emu.last("dispatch")
     assert emu.last("notify")["E"] == 0 and emu.last("notify")["per_expert"] is None
     assert d["topk"] is None and d["sc"].shape == (len(xs[rank]), H // 128)
