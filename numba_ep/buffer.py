@@ -1563,7 +1563,13 @@ class Buffer:
     def _internode_context(self):
         """The InternodeContext of this Buffer (created on first use). The first internode call
         after construction or after low-latency use zeroes the header of the NVSHMEM buffer
-        between two NVSHMEM barriers (collective, like every internode call)."""
+        between two barriers of the group (collective, like every internode call).
+
+        The barriers are the group's host-side ones, not NVSHMEM barriers on the stream: those
+        have no timeout, so a rank that never comes would hang this rank's stream, and every
+        later synchronisation (even ``destroy``) with it. The group's barrier raises
+        CommTimeoutError naming the missing rank instead (MPI groups: unbounded, as MPI is).
+        This runs once per switch of mode, so the host waits here do not matter for speed."""
         from numba_ep.kernels import internode
 
         ctx = self._ictx
@@ -1578,11 +1584,15 @@ class Buffer:
 
                 from numba_ep.launch import stream_handle
 
-                h = stream_handle(self._comm_stream)
-                nvb.barrier_all_on_stream(h)
+                # Every rank's earlier work on this memory (its low-latency puts into peers) is
+                # done before anyone clears; every header is clear before anyone notifies.
+                nvb.quiet_on_stream(stream_handle(self._comm_stream))   # local: no peer waits
+                self._comm_stream.synchronize()
+                self.group.barrier()
                 hdr = internode.header(self.group_size, ctx.num_nodes)["bytes"]
                 cupy.cuda.runtime.memsetAsync(ctx.base, 0, hdr, self._comm_stream.ptr)
-                nvb.barrier_all_on_stream(h)
+                self._comm_stream.synchronize()
+                self.group.barrier()
             self._ll_active = _INTERNODE_ACTIVE
             self._ll_pending = None
         return ctx

@@ -190,9 +190,12 @@ def suite(group, seed):
 
 
 def timeout_absent_peer(group, timeout_s=2.0):
-    """2 ranks as 2 nodes of 1: rank 1 never dispatches; rank 0 must raise CommTimeoutError
-    naming rank 1 within seconds (its notify waits for rank 1's meta), and refuse further work.
-    Both ranks then destroy the Buffer together."""
+    """2 ranks as 2 nodes of 1: after one round trip together, rank 1 skips a dispatch; rank 0
+    must raise CommTimeoutError naming rank 1 within seconds (its notify waits for rank 1's
+    meta), and refuse further work. Both ranks then destroy the Buffer together.
+
+    The round trip first matters: the first internode call of a Buffer clears its header between
+    two group barriers, which would catch the absent rank before notify does."""
     import time
 
     import cupy
@@ -209,6 +212,10 @@ def timeout_absent_peer(group, timeout_s=2.0):
     kw = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma,
               is_token_in_rank=in_rank, num_tokens_per_expert=per_expert, topk_idx=topk,
               topk_weights=w, config=Buffer.get_dispatch_config(group.size))
+    recv_x, _, recv_w, _, handle, _ = buf.dispatch(x, **kw)
+    buf.combine(recv_x, handle, topk_weights=recv_w)
+    cupy.cuda.get_current_stream().synchronize()
+    group.barrier()
     result = {"rank": rank}
     if rank == 0:
         t0 = time.monotonic()
