@@ -117,8 +117,8 @@ import numpy as np
 from numba_ep import config as _config
 from numba_ep.config import Config
 from numba_ep.errors import CommTimeoutError
-from numba_ep.interop import (CUPY_CARRIER, ArrayInfo, EventOverlap, array_info, bytes_view,
-                              caller_stream, device_view, is_array, record_event, to_caller,
+from numba_ep.interop import (CUPY_CARRIER, ArrayInfo, EventOverlap, array_info, array_key,
+                              bytes_view, caller_stream, device_view, is_array, record_event, to_caller,
                               torch_cuda_active)
 
 __all__ = ["Buffer", "Config", "EventOverlap", "check_expert_ids", "MAX_TOPK", "MAX_RANKS"]
@@ -701,6 +701,7 @@ class Buffer:
         self._ll_generation = 0
         #: NVSHMEM bytes each low-latency shape (M, hidden, num_experts) needs, once computed
         self._ll_need = {}
+        self._ll_checked = {}   # call key -> _LowLatencyPlan (see _ll_checked_plan)
         #: the InternodeContext over the NVSHMEM buffer, created on first internode use
         self._ictx = None
 
@@ -1795,10 +1796,11 @@ class Buffer:
         """
         what = "low_latency_dispatch"
         self._check_usable(what)
-        p = self._validate_ll_dispatch(
-            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
-            cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
-            round_scale, use_ue8m0, async_finish, return_recv_hook)
+        args = (x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
+                round_scale, use_ue8m0, async_finish, return_recv_hook)
+        p = self._ll_checked_plan("dispatch", self._validate_ll_dispatch, args)
+        self._check_ll_sequence(what, p.M, p.H, p.E)
         ll = self._kernels.low_latency
 
         with self._guard():
@@ -1864,9 +1866,10 @@ class Buffer:
         """
         what = "low_latency_combine"
         self._check_usable(what)
-        p = self._validate_ll_combine(x, topk_idx, topk_weights, handle, use_logfmt, zero_copy,
-                                      async_finish, return_recv_hook, out,
-                                      combine_wait_recv_cost_stats)
+        args = (x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish,
+                return_recv_hook, out, combine_wait_recv_cost_stats)
+        p = self._ll_checked_plan("combine", self._validate_ll_combine, args)
+        self._check_ll_sequence(what, p.M, p.H, p.E)
         ll = self._kernels.low_latency
 
         with self._guard():
@@ -1929,6 +1932,38 @@ class Buffer:
         raise NotImplementedError(_SHRINK_MSG)
 
     # ----------------------------------------------------------------- low latency: checks
+
+    def _ll_checked_plan(self, kind, validate, args):
+        """``validate(*args)``, remembered. A decoding loop passes arrays of the same shapes,
+        dtypes, strides and devices and the same options call after call, so the outcome of the
+        checks (a _LowLatencyPlan) is kept per key and the checks run once per key: the eager
+        host time of a step is what a decoding step waits for. Ints and bools are keyed with
+        their type (a ``True`` never stands in for a ``1``); arrays by ``array_key``; a handle
+        only when this Buffer made it (its arrays are then this Buffer's own, in a tuple that
+        cannot change). Anything else is checked in full every time. What depends on the
+        Buffer's state (the call sequence) is the caller's to check, every call."""
+        key = [kind]
+        for a in args:
+            t = type(a)
+            if a is None or t is bool or t is int:
+                k = (t, a)
+            elif t is _LowLatencyHandle:
+                if a.buffer_id != self._id:
+                    return validate(*args)
+                k = (a.buffer_id, a[2], a[3], a[4])
+            else:
+                k = array_key(a)
+                if k is None:
+                    return validate(*args)
+            key.append(k)
+        key = tuple(key)
+        plan = self._ll_checked.get(key)
+        if plan is None:
+            plan = validate(*args)
+            if len(self._ll_checked) >= 256:   # token counts vary: bound the memo
+                self._ll_checked.clear()
+            self._ll_checked[key] = plan
+        return plan
 
     def _check_ll_shape_args(self, num_max_dispatch_tokens_per_rank, hidden, num_experts,
                              prefix=""):
@@ -2030,7 +2065,6 @@ class Buffer:
                         shape=(E // self.group_size,), desc="[num_local_experts]", device=dev)
         self._check_cost_stats(wait_stats, "dispatch_wait_recv_cost_stats")
         self._check_ll_size("low_latency_dispatch", M, H, E)
-        self._check_ll_sequence("low_latency_dispatch", M, H, E)
         return _LowLatencyPlan(torch_out=x_info.kind == "torch", M=M, H=H, E=E,
                                use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0,
                                async_finish=async_finish, return_recv_hook=return_recv_hook)
@@ -2091,7 +2125,6 @@ class Buffer:
                         desc="[num_tokens, hidden]", device=dev)
         self._check_cost_stats(wait_stats, "combine_wait_recv_cost_stats")
         self._check_ll_size("low_latency_combine", M, H, E)
-        self._check_ll_sequence("low_latency_combine", M, H, E)
         return _LowLatencyPlan(torch_out=x_info.kind == "torch", M=M, H=H, E=E,
                                use_logfmt=use_logfmt, zero_copy=zero_copy,
                                async_finish=async_finish, return_recv_hook=return_recv_hook)

@@ -215,6 +215,23 @@ def _dtype_name(dt) -> str:
     return name
 
 
+def array_key(a):
+    """A hashable summary of all that argument checks look at: type, shape, dtype, strides and
+    device; ``()`` for None; None for anything else (callers then check in full). Arrays with
+    equal keys pass or fail every check of ``numba_ep.buffer.check_array`` alike, so a check's
+    outcome can be remembered per key: ~1 us against ~3-6 us for ``array_info`` plus checks."""
+    if a is None:
+        return ()
+    t = type(a)
+    if is_cupy(a):
+        return (t, a.shape, a.dtype, a.strides, a.data.device_id)
+    if t is np.ndarray:
+        return (t, a.shape, a.dtype, a.strides)
+    if is_torch(a):
+        return (t, a.shape, a.dtype, a.stride(), a.device)
+    return None
+
+
 def array_info(a, name="array") -> ArrayInfo:
     """Describe ``a`` (CuPy array, torch tensor or NumPy array) without launching anything.
 

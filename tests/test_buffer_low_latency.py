@@ -588,3 +588,38 @@ def test_cli_accepts_bench_low_latency(monkeypatch):
                         got.update(name=name, ranks=ranks) or 0)
     assert cli.main(["bench", "low-latency", "--ranks", "2"]) == 0
     assert got == {"name": "low-latency", "ranks": 2}
+
+
+def test_checks_remembered_per_key_still_refuse_what_differs(monkeypatch):
+    """The checks' outcome is remembered per (shapes, dtypes, strides, devices, options): after a
+    good call, an argument that differs in any of those, or a scalar of another type, is still
+    refused by the full checks, and the sequence rules (a pending hook) still hold."""
+    Emulator(monkeypatch)
+    buf = one_rank_buffer()
+    x, topk, w = make_inputs(T=5)
+    for _ in range(2):   # the second call is answered from the memo
+        _, _, handle, _, _ = buf.low_latency_dispatch(x, topk, M, E, use_fp8=False)
+        y = np.zeros((E, M, H), BF16)
+        buf.low_latency_combine(y, topk, w, handle)
+    assert len(buf._ll_checked) == 2
+    raises(TypeError, lambda: buf.low_latency_dispatch(x.view(np.float16), topk, M, E),
+           "x", "bfloat16", "float16")
+    raises(ValueError, lambda: buf.low_latency_dispatch(x[:, :128:2], topk[:, :1], M, E),
+           "x")
+    raises(TypeError, lambda: buf.low_latency_dispatch(x, topk, True, E),
+           "num_max_dispatch_tokens_per_rank", "bool")
+    raises(TypeError, lambda: buf.low_latency_dispatch(x, topk, M, E, use_fp8=1), "use_fp8")
+    raises(ValueError, lambda: buf.low_latency_combine(y, np.ascontiguousarray(topk[:, :2]), w,
+                                                       handle), "topk_weights", "shape")
+    raises(ValueError, lambda: buf.low_latency_combine(y, topk[:, :2], w, handle),
+           "topk_idx", "C-contiguous")
+    raises(ValueError, lambda: buf.low_latency_combine(y[:, :, :128], topk, w, handle), "x")
+    raises(ValueError, lambda: buf.low_latency_combine(y, topk, w, fake_handle(size=1, m=M + 1)),
+           "x", "shape")
+    # a hook left pending is caught on a remembered key too
+    _, _, handle, _, hook = buf.low_latency_dispatch(x, topk, M, E, use_fp8=False,
+                                                     return_recv_hook=True)
+    raises(RuntimeError, lambda: buf.low_latency_dispatch(x, topk, M, E, use_fp8=False,
+                                                          return_recv_hook=True), "hook")
+    hook()
+    buf.low_latency_dispatch(x, topk, M, E, use_fp8=False, return_recv_hook=True)[4]()
