@@ -595,6 +595,8 @@ _LL_ROWS = (
     ("host_dispatch+combine", "host time per dispatch + combine (enqueue), us"),
     ("graph_dispatch+combine", "dispatch + combine as a CUDA-graph replay, GPU us"),
     ("host_graph_replay", "host time per graph replay, us"),
+    ("host_buffer", "host time per dispatch + combine through Buffer, us"),
+    ("host_buffer_full_checks", "  same, argument checks redone every call, us"),
 )
 
 

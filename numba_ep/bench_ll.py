@@ -22,7 +22,10 @@ over the median time.
 Host cost: ``host_dispatch+combine`` is the host's wall time per dispatch + combine while it
 enqueues them behind the delay kernel (no events in that loop); ``graph_dispatch+combine`` is
 the GPU time of one dispatch + combine captured in a CUDA graph and replayed back to back, and
-``host_graph_replay`` the host's time per replay.
+``host_graph_replay`` the host's time per replay. ``host_buffer`` is the host time per
+dispatch + combine through ``numba_ep.Buffer`` (what a user's eager step costs), and
+``host_buffer_full_checks`` the same with the Buffer's remembered argument checks redone on
+every call.
 
 DeepEP V1 on 2 x H100 at the default size: dispatch 30-35 us, combine 41-43 us.
 """
@@ -88,7 +91,8 @@ def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_expert
     R, rank = group.size, group.rank
     T, H, K, E, M = num_tokens, hidden, num_topk, num_experts, num_tokens
     nbytes = get_low_latency_rdma_size_hint(M, H, R, E)
-    nvshmem_init(group, heap_bytes=nbytes + (512 << 20))
+    # room for a second buffer of the same size: the Buffer whose host time is measured last
+    nvshmem_init(group, heap_bytes=2 * nbytes + (512 << 20))
     buf = SymmetricBuffer(nbytes)
     try:
         ctx = ll.LowLatencyContext(buf, rank, R, M, H, E)
@@ -191,6 +195,43 @@ def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_expert
                                    for a, b in zip(evs, evs[1:])]))
             return dev, host
 
+        def buffer_host_us(iters=100):
+            # A user's eager step: the same calls through numba_ep.Buffer, with the argument
+            # checks remembered per key (what a decoding loop gets) and, for comparison, with
+            # that memo emptied before every call (the checks in full).
+            from numba_ep.buffer import Buffer
+
+            b = Buffer(group, num_rdma_bytes=nbytes, low_latency_mode=True,
+                       explicitly_destroy=True)
+            try:
+                with stream:
+                    b.clean_low_latency_buffer(M, H, E)
+
+                    def step(forget):
+                        if forget:
+                            b._ll_checked.clear()
+                        handle = b.low_latency_dispatch(x, topk, M, E)[2]
+                        if forget:
+                            b._ll_checked.clear()
+                        b.low_latency_combine(y, topk, weights, handle)
+
+                    res = {}
+                    for key, forget in (("host_buffer", False), ("host_buffer_full_checks", True)):
+                        for _ in range(warmup):
+                            step(forget)
+                        stream.synchronize()
+                        group.barrier()
+                        delay.launch(1, 1, iters * 400_000, stream=stream)
+                        t0 = time.perf_counter()
+                        for _ in range(iters):
+                            step(forget)
+                        res[key] = (time.perf_counter() - t0) / iters * 1e6
+                        stream.synchronize()
+                return res
+            finally:
+                stream.synchronize()
+                b.destroy()
+
         out = {}
         med = timed_run(False)
         out["dispatch"] = med(0, 1)
@@ -198,6 +239,7 @@ def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_expert
         out["dispatch+combine"] = med(0, 4)
         out["host_dispatch+combine"] = host_us()
         out["graph_dispatch+combine"], out["host_graph_replay"] = graph_us()
+        out.update(buffer_host_us())
         med = timed_run(True)
         out["dispatch_send"] = med(0, 1)
         out["dispatch_recv"] = med(2, 3)

@@ -424,6 +424,10 @@ class _CombinePlan:
     config: Config
 
 
+#: what the Buffer passes to the GPU low-latency calls: it has checked their arguments
+_CHECKED = {"checked": True}
+
+
 @dataclass
 class _LowLatencyPlan:
     """What a low-latency call decided while validating."""
@@ -1816,7 +1820,7 @@ class Buffer:
                     ctx, xv, topk, use_fp8=p.use_fp8, round_scale=p.round_scale,
                     use_ue8m0=p.use_ue8m0, cumulative_local_expert_recv_stats=stats,
                     return_recv_hook=p.return_recv_hook, stream=stream,
-                    wait_recv_cost_stats=wait)
+                    wait_recv_cost_stats=wait, **self._ll_checked_kw())
             self._ll_active = (p.M, p.H, p.E)
             hook = self._ll_hook(ll_hook, what)
             keep = (x, topk_idx, cumulative_local_expert_recv_stats, xv, topk, stats, recv_x,
@@ -1885,7 +1889,7 @@ class Buffer:
                 res, ll_hook = ll.low_latency_combine(
                     ctx, xv, topk, w, src, lr, use_logfmt=p.use_logfmt, zero_copy=p.zero_copy,
                     out=out_v, return_recv_hook=p.return_recv_hook, stream=stream,
-                    wait_recv_cost_stats=wait)
+                    wait_recv_cost_stats=wait, **self._ll_checked_kw())
             self._ll_active = (p.M, p.H, p.E)
             hook = self._ll_hook(ll_hook, what)
             event = self._ll_event(stream, p.torch_out, p.async_finish,
@@ -1932,6 +1936,11 @@ class Buffer:
         raise NotImplementedError(_SHRINK_MSG)
 
     # ----------------------------------------------------------------- low latency: checks
+
+    def _ll_checked_kw(self):
+        """On a GPU the kernel layer need not check again what this Buffer checked (its
+        arguments are CuPy views by then); host mode and the CPU backend take no such flag."""
+        return {} if self._host else _CHECKED
 
     def _ll_checked_plan(self, kind, validate, args):
         """``validate(*args)``, remembered. A decoding loop passes arrays of the same shapes,

@@ -556,7 +556,8 @@ def test_bench_low_latency_rows(monkeypatch):
         seen.update(fn=fn, n=n, **kwargs)
         keys = ("dispatch", "combine", "dispatch+combine", "dispatch_send", "dispatch_recv",
                 "combine_send", "combine_recv", "host_dispatch+combine",
-                "graph_dispatch+combine", "host_graph_replay")
+                "graph_dispatch+combine", "host_graph_replay", "host_buffer",
+                "host_buffer_full_checks")
         return [dict({k: 10.0 * (r + 1) + i for i, k in enumerate(keys)},
                      dispatch_GBps=100.0 + r, combine_GBps=200.0 + r, rank=r) for r in range(n)]
 
@@ -571,6 +572,8 @@ def test_bench_low_latency_rows(monkeypatch):
     assert rows["hook mode: combine recv phase, us"] == 26.0
     assert rows["host time per dispatch + combine (enqueue), us"] == 27.0
     assert rows["dispatch + combine as a CUDA-graph replay, GPU us"] == 28.0
+    assert rows["host time per dispatch + combine through Buffer, us"] == 30.0
+    assert rows["  same, argument checks redone every call, us"] == 31.0
     assert rows["  DeepEP V1 2xH100 dispatch, us"] == "30-35"
     assert rows["  DeepEP V1 2xH100 combine, us"] == "41-43"
     assert rows["  DeepEP V1 2xH100 dispatch+combine, us"] == "76"

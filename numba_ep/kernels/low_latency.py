@@ -1351,11 +1351,14 @@ def _check(name, a, dtypes, ndim=None, shape=None, contiguous=True, align=None):
                 raise ValueError(f"{name}: expected a C-contiguous array, got strides "
                                  f"{tuple(strides)}")
             step *= n
-    align = dtype.itemsize if align is None else align
+    _check_aligned(name, ptr, dtype.itemsize if align is None else align)
+    return ptr
+
+
+def _check_aligned(name, ptr, align):
     if ptr % align:
         raise ValueError(f"{name}: the data address must be a multiple of {align} bytes, got "
                          f"0x{ptr:x}")
-    return ptr
 
 
 def _shape(a):
@@ -1428,7 +1431,7 @@ class _Hook:
 
 def low_latency_dispatch(ctx, x, topk_idx, use_fp8=True, round_scale=False, use_ue8m0=False,
                          cumulative_local_expert_recv_stats=None, return_recv_hook=False,
-                         stream=None, wait_recv_cost_stats=None):
+                         stream=None, wait_recv_cost_stats=None, checked=False):
     """Send every (token, top-k slot) to its expert's rank; receive the tokens of my experts.
 
     Args:
@@ -1447,6 +1450,8 @@ def low_latency_dispatch(ctx, x, topk_idx, use_fp8=True, round_scale=False, use_
         return_recv_hook: launch only the send phase and return a hook that launches the
             receive phase (call it before the next low-latency call).
         stream: CuPy/torch/cuda.core stream or handle (default: CuPy's current stream).
+        checked: the caller (``Buffer``) has checked every argument already, CuPy arrays
+            only; only the addresses' alignment is checked here.
 
     Returns ``(recv_x, recv_x_scales, recv_count, src_info, layout_range, hook)``, CuPy arrays:
         recv_x ``[L, R*M, H]`` uint8 (e4m3 bytes) or uint16 (bf16 bits); recv_x_scales
@@ -1461,24 +1466,29 @@ def low_latency_dispatch(ctx, x, topk_idx, use_fp8=True, round_scale=False, use_
 
     R, E, H, M, L = (ctx.num_ranks, ctx.num_experts, ctx.hidden,
                      ctx.num_max_dispatch_tokens_per_rank, ctx.num_local_experts)
-    _check("x", x, (np.uint16, np.int16), ndim=2, align=16)
-    T, hx = _shape(x)
-    if hx != H:
-        raise ValueError(f"x: expected hidden size {H} (the context's), got shape {(T, hx)}")
-    if T > M:
-        raise ValueError(f"x: {T} tokens, more than num_max_dispatch_tokens_per_rank={M}")
-    _, K = _check_topk(topk_idx, T)
-    use_fp8, round_scale, use_ue8m0 = bool(use_fp8), bool(round_scale), bool(use_ue8m0)
-    if use_ue8m0 and not (round_scale and use_fp8):
-        raise ValueError("use_ue8m0=True needs use_fp8=True and round_scale=True")
-    if use_ue8m0 and H % 512:
-        raise ValueError(f"use_ue8m0=True needs a hidden size that is a multiple of 512, got {H}")
     stats = cumulative_local_expert_recv_stats
-    if stats is not None:
-        _check("cumulative_local_expert_recv_stats", stats, (np.int32,), shape=(L,))
-    if wait_recv_cost_stats is not None:
-        _check("wait_recv_cost_stats", wait_recv_cost_stats, (np.int64,), shape=(R,))
-    _check_hook_flag(return_recv_hook)
+    if checked:
+        T, K = x.shape[0], topk_idx.shape[1]
+        _check_aligned("x", x.data.ptr, 16)
+    else:
+        _check("x", x, (np.uint16, np.int16), ndim=2, align=16)
+        T, hx = _shape(x)
+        if hx != H:
+            raise ValueError(f"x: expected hidden size {H} (the context's), got shape {(T, hx)}")
+        if T > M:
+            raise ValueError(f"x: {T} tokens, more than num_max_dispatch_tokens_per_rank={M}")
+        _, K = _check_topk(topk_idx, T)
+        if use_ue8m0 and not (round_scale and use_fp8):
+            raise ValueError("use_ue8m0=True needs use_fp8=True and round_scale=True")
+        if use_ue8m0 and H % 512:
+            raise ValueError(f"use_ue8m0=True needs a hidden size that is a multiple of 512, "
+                             f"got {H}")
+        if stats is not None:
+            _check("cumulative_local_expert_recv_stats", stats, (np.int32,), shape=(L,))
+        if wait_recv_cost_stats is not None:
+            _check("wait_recv_cost_stats", wait_recv_cost_stats, (np.int64,), shape=(R,))
+        _check_hook_flag(return_recv_hook)
+    use_fp8, round_scale, use_ue8m0 = bool(use_fp8), bool(round_scale), bool(use_ue8m0)
 
     ctx._prepare()
     ctx.check()
@@ -1537,7 +1547,7 @@ def next_combine_buffer(ctx):
 
 def low_latency_combine(ctx, x, topk_idx, topk_weights, src_info, layout_range, use_logfmt=False,
                         zero_copy=False, out=None, return_recv_hook=False, stream=None,
-                        wait_recv_cost_stats=None):
+                        wait_recv_cost_stats=None, checked=False):
     """Send my experts' outputs back to the tokens' ranks; take each token's weighted sum.
 
     Args:
@@ -1556,6 +1566,7 @@ def low_latency_combine(ctx, x, topk_idx, topk_weights, src_info, layout_range, 
         wait_recv_cost_stats: optional int64 ``[R]``: entry r grows by the nanoseconds the
             receive phase waited for rank r's rows (DeepEP's combine_wait_recv_cost_stats,
             in clock cycles there).
+        checked: as in low_latency_dispatch.
 
     Returns ``(out [T, H] bf16 bits, hook or None)``:
     ``out[t] = bf16(sum over k with topk_idx[t, k] >= 0 of topk_weights[t, k] * y[t, k])`` where
@@ -1568,24 +1579,31 @@ def low_latency_combine(ctx, x, topk_idx, topk_weights, src_info, layout_range, 
                      ctx.num_max_dispatch_tokens_per_rank, ctx.num_local_experts)
     RM = R * M
     use_logfmt, zero_copy = bool(use_logfmt), bool(zero_copy)
-    if use_logfmt and zero_copy:
-        raise ValueError("use_logfmt=True cannot be combined with zero_copy=True")
-    if use_logfmt and H > LOGFMT_MAX_HIDDEN:
-        raise ValueError(f"use_logfmt=True supports hidden sizes up to {LOGFMT_MAX_HIDDEN}, "
-                         f"got {H}")
-    _check("x", x, (np.uint16, np.int16), shape=(L, RM, H), contiguous=not zero_copy,
-           align=2 if zero_copy else 16)
-    T, K = _check_topk(topk_idx)
-    if T > M:
-        raise ValueError(f"topk_idx: {T} tokens, more than num_max_dispatch_tokens_per_rank={M}")
-    _check("topk_weights", topk_weights, (np.float32,), shape=(T, K))
-    _check("src_info", src_info, (np.int32,), shape=(L, RM))
-    _check("layout_range", layout_range, (np.int64,), shape=(L, R))
-    if out is not None:
-        _check("out", out, (np.uint16, np.int16), shape=(T, H), align=16)
-    if wait_recv_cost_stats is not None:
-        _check("wait_recv_cost_stats", wait_recv_cost_stats, (np.int64,), shape=(R,))
-    _check_hook_flag(return_recv_hook)
+    if checked:
+        T, K = topk_idx.shape
+        _check_aligned("x", x.data.ptr, 2 if zero_copy else 16)
+        if out is not None:
+            _check_aligned("out", out.data.ptr, 16)
+    else:
+        if use_logfmt and zero_copy:
+            raise ValueError("use_logfmt=True cannot be combined with zero_copy=True")
+        if use_logfmt and H > LOGFMT_MAX_HIDDEN:
+            raise ValueError(f"use_logfmt=True supports hidden sizes up to {LOGFMT_MAX_HIDDEN}, "
+                             f"got {H}")
+        _check("x", x, (np.uint16, np.int16), shape=(L, RM, H), contiguous=not zero_copy,
+               align=2 if zero_copy else 16)
+        T, K = _check_topk(topk_idx)
+        if T > M:
+            raise ValueError(f"topk_idx: {T} tokens, more than num_max_dispatch_tokens_per_rank="
+                             f"{M}")
+        _check("topk_weights", topk_weights, (np.float32,), shape=(T, K))
+        _check("src_info", src_info, (np.int32,), shape=(L, RM))
+        _check("layout_range", layout_range, (np.int64,), shape=(L, R))
+        if out is not None:
+            _check("out", out, (np.uint16, np.int16), shape=(T, H), align=16)
+        if wait_recv_cost_stats is not None:
+            _check("wait_recv_cost_stats", wait_recv_cost_stats, (np.int64,), shape=(R,))
+        _check_hook_flag(return_recv_hook)
 
     ctx._prepare()
     ctx.check()
