@@ -28,3 +28,16 @@ def test_moe_layer_example(monkeypatch, capsys, nranks, gpus_per_node):
     assert len(lines) == nranks and all(line.endswith(" ok") for line in lines), lines
     assert all(("2 nodes" in line) == bool(gpus_per_node) for line in lines), lines
     sys.modules.pop("moe_layer", None)
+
+
+def test_readme_decoding_block_is_code():
+    """The README's decoding example parses and defines what tests/gpu/test_readme_gpu.py reads
+    after running it (that test runs it on GPUs)."""
+    import ast
+
+    from readme_code import python_block_after
+
+    tree = ast.parse(python_block_after("**Decoding**"))
+    names = {n.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
+             for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    assert {"buf", "stream", "x", "topk_idx", "topk_w", "out", "graph", "E"} <= names
