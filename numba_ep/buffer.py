@@ -1799,12 +1799,10 @@ class Buffer:
         caller's stream (after ``hook()`` in hook mode).
         """
         what = "low_latency_dispatch"
-        self._check_usable(what)
-        args = (x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
-                cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
-                round_scale, use_ue8m0, async_finish, return_recv_hook)
-        p = self._ll_checked_plan("dispatch", self._validate_ll_dispatch, args)
-        self._check_ll_sequence(what, p.M, p.H, p.E)
+        p = self._ll_prologue(what, self._validate_ll_dispatch, (
+            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+            cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
+            round_scale, use_ue8m0, async_finish, return_recv_hook))
         ll = self._kernels.low_latency
 
         with self._guard():
@@ -1869,11 +1867,9 @@ class Buffer:
         the kind of ``x``; complete once the receive phase ran (after ``hook()``).
         """
         what = "low_latency_combine"
-        self._check_usable(what)
-        args = (x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish,
-                return_recv_hook, out, combine_wait_recv_cost_stats)
-        p = self._ll_checked_plan("combine", self._validate_ll_combine, args)
-        self._check_ll_sequence(what, p.M, p.H, p.E)
+        p = self._ll_prologue(what, self._validate_ll_combine, (
+            x, topk_idx, topk_weights, handle, use_logfmt, zero_copy, async_finish,
+            return_recv_hook, out, combine_wait_recv_cost_stats))
         ll = self._kernels.low_latency
 
         with self._guard():
@@ -1941,6 +1937,14 @@ class Buffer:
         """On a GPU the kernel layer need not check again what this Buffer checked (its
         arguments are CuPy views by then); host mode and the CPU backend take no such flag."""
         return {} if self._host else _CHECKED
+
+    def _ll_prologue(self, what, validate, args):
+        """The start of every low-latency call: the Buffer is usable, the arguments pass
+        ``validate`` (remembered, see below), and the call may come now (sequence rules)."""
+        self._check_usable(what)
+        p = self._ll_checked_plan(what, validate, args)
+        self._check_ll_sequence(what, p.M, p.H, p.E)
+        return p
 
     def _ll_checked_plan(self, kind, validate, args):
         """``validate(*args)``, remembered. A decoding loop passes arrays of the same shapes,
