@@ -219,7 +219,8 @@ def array_key(a):
     """A hashable summary of all that argument checks look at: type, shape, dtype, strides and
     device; ``()`` for None; None for anything else (callers then check in full). Arrays with
     equal keys pass or fail every check of ``numba_ep.buffer.check_array`` alike, so a check's
-    outcome can be remembered per key: ~1 us against ~3-6 us for ``array_info`` plus checks."""
+    outcome can be remembered per key (a key costs a fraction of ``array_info`` plus the
+    checks: 1.7 against 11 us per array under cProfile on the CPU)."""
     if a is None:
         return ()
     t = type(a)
