@@ -2229,14 +2229,15 @@ def _scales_view(scales):
 
 
 def _refuse_capture(call, what):
-    """Internode calls cannot be captured in a CUDA graph: every dispatch waits on the host for
-    notify's counts, and each call passes new epoch values to its kernels, which a replay would
-    repeat (its waits would pass at once, on stale flags)."""
+    """Internode calls cannot be captured in a CUDA graph: each call passes new epoch values to
+    its kernels, which a replay would repeat (its waits would pass at once, on stale flags),
+    and a dispatch without this Buffer's own handle also waits on the host for notify's
+    counts."""
     if call.capturing:
         raise RuntimeError(
-            f"{what}: internode mode cannot be captured in a CUDA graph (the host waits for "
-            f"counts, and every call's kernels take new epoch values that a replay would "
-            f"repeat); run it eagerly, or keep the ranks on one node for graph capture")
+            f"{what}: internode mode cannot be captured in a CUDA graph (every call's kernels "
+            f"take new epoch values that a replay would repeat); run it eagerly, or keep the "
+            f"ranks on one node for graph capture")
 
 
 def _xp(buf):
