@@ -66,13 +66,15 @@ Who waits on whom:
                         counter[me] >= 0 go to recv_x (NVLink loads). The receiver that is the
                         forwarder itself also writes send_nvl_head.
     sync (1 block)      barrier before a combine (sync_flag all-to-all).
-    combine (2C blocks, cooperative)
+    combine (2C blocks, cooperative; blocks c and c + C share channel c, each taking every
+             other warp-step of its tokens in both roles below)
       every block       stage my input rows into cstage; the last block sets staged = epoch
       forwarder c       wait staged of my node's GPUs; per RDMA-received token of channel c:
                         sum the rows of the GPUs that hold it (pulled by NVLink, located by
                         their published recv_gbl_channel_prefix_matrix and send_nvl_head) and
-                        put the bf16 partial to cred[my node][k] of its source; then
-                        comb_flag[my node][c] at each source  ---->
+                        put the bf16 partial to cred[my node][k] of its source; the second
+                        half to finish (a counter per channel in the workspace) completes the
+                        PE's puts and sets comb_flag[my node][c] at each source  ---->
       source c          wait comb_flag[b][c] for every node b; out[t] = bias0 + bias1 + the
                         partials of the nodes token t visited (fp32, bf16 out).
 
@@ -697,8 +699,8 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
     topk_weights (float32 [N, K] or 0), the handle's rdma_channel_prefix_matrix,
     recv_rdma_channel_prefix_matrix, recv_rdma_rank_prefix_sum, recv_gbl_channel_prefix_matrix,
     send_rdma_head, send_nvl_head, bias0, bias1 (bf16 [T, H] or 0), out (bf16 [T, H]),
-    out_topk_weights (float32 [T, K] or 0), workspace (int32 [1], zero), epoch, timeout_ns,
-    err_addr."""
+    out_topk_weights (float32 [T, K] or 0), workspace (int32 [1 + MAX_CHANNELS], zero), epoch,
+    timeout_ns, err_addr."""
     import nvshmem.bindings.device.numba as nvb
 
     R, G, C, H, K = num_ranks, num_gpus_per_node, num_channels, hidden, num_topk
@@ -718,7 +720,7 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
         tid = cuda.threadIdx.x
         lane = tid & 31
         warp = tid >> 5
-        last = cuda.shared.array(1, int32)
+        last = cuda.shared.array(2, int32)
         srcs = cuda.shared.array((WARPS, MAX_GPUS_PER_NODE), uint64)
         acc = cuda.local.array((ACC_UNROLL, 8), float32)
         vals = cuda.local.array((ACC_UNROLL, 4), uint32)
@@ -757,102 +759,114 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
             ptx.fence_acq_rel_sys()
             ptx.st_release_sys_i32(base + uint64(STAGED), epoch)
 
-        if cuda.blockIdx.x < C:
-            # ---------------- forwarder of channel c ----------------
-            c = cuda.blockIdx.x
-            if tid < G:
-                p = base if tid == gpu else peers[node * G + tid]
-                wait_epoch(p + uint64(STAGED), epoch, timeout_ns, err_addr, _COMBINE, rank,
-                           node * G + tid, c)
-            cuda.syncthreads()
-            nvl_head = ptx.ptr_i32(nvl_head_addr)
-            for a in range(N):
-                s = a * G + gpu
-                r_base = _excl(recv_rdma_sum_addr, a)
-                k0 = int32(0)
-                if c > 0:
-                    k0 = ptx.ptr_i32(recv_rdma_prefix_addr)[a * C + c - 1]
-                k1 = ptx.ptr_i32(recv_rdma_prefix_addr)[a * C + c]
-                k = k0 + warp
-                while k < k1:
-                    r = r_base + k
-                    # Where each GPU of my node holds this token (0: it does not).
-                    if lane < G:
-                        head = nvl_head[int64(r) * G + lane]
-                        src = uint64(0)
-                        if head >= 0:
-                            p = base if lane == gpu else peers[node * G + lane]
-                            start = ptx.ld_volatile_i32(p + uint64(PUB + 4 * (s * MAX_CHANNELS
-                                                                              + c)))
-                            src = p + uint64(cstage_off + int64(start + head) * CREC)
-                        srcs[warp, lane] = src
-                    cuda.syncwarp()
-                    if a == node:   # the source is me: straight into my cred
-                        dst = base + uint64(cred_off + (int64(node) * max_tokens + k) * CREC)
-                    else:
-                        dst = base + uint64(csend_off + (int64(a) * max_tokens + k) * CREC)
-                    j0 = lane
-                    while j0 < H16:
-                        _zero(acc)
-                        for g in range(G):
-                            sg = srcs[warp, g]
-                            if sg != 0:
-                                _add_row(acc, vals, sg, j0, H16, True)
-                        _store_row(dst, acc, j0, H16)
-                        j0 += 32 * ACC_UNROLL
-                    if lane < K:
-                        ptx.ptr_f32(dst + uint64(2 * H))[lane] = _sum_weights(srcs, warp, G,
-                                                                              2 * H, lane)
-                    if a != node:
-                        ptx.fence_acq_rel_sys()
-                        cuda.syncwarp()
-                        nvb.uint8_put_nbi_warp(
-                            ptx.ptr_u8(base + uint64(cred_off + (int64(node) * max_tokens + k)
-                                                     * CREC)),
-                            ptx.ptr_u8(dst), uint64(CREC), int32(s))
-                    cuda.syncwarp()
-                    k += WARPS
-            publish(base, COMB_FLAG, node, gpu, c, epoch)
-        else:
-            # ---------------- source of channel c: my tokens ----------------
-            c = cuda.blockIdx.x - C
-            if tid < N:
-                wait_epoch(base + uint64(COMB_FLAG + 4 * (tid * MAX_CHANNELS + c)), epoch,
-                           timeout_ns, err_addr, _COMBINE, rank, tid * G + gpu, c)
-            cuda.syncthreads()
-            t0, t1 = channel_range(num_tokens, C, c)
-            rdma_head = ptx.ptr_i32(rdma_head_addr)
-            t = t0 + warp
-            while t < t1:
-                if lane < N:
-                    head = rdma_head[int64(t) * N + lane]
+        # Blocks c and c + C share channel c: half h of it takes every other warp-step of
+        # tokens, first as forwarder, then as source, so all 2C blocks reduce.
+        c = cuda.blockIdx.x % C
+        h = cuda.blockIdx.x // C
+        step = 2 * WARPS
+        # ---------------- forwarder of channel c, half h ----------------
+        if tid < G:
+            p = base if tid == gpu else peers[node * G + tid]
+            wait_epoch(p + uint64(STAGED), epoch, timeout_ns, err_addr, _COMBINE, rank,
+                       node * G + tid, c)
+        cuda.syncthreads()
+        nvl_head = ptx.ptr_i32(nvl_head_addr)
+        for a in range(N):
+            s = a * G + gpu
+            r_base = _excl(recv_rdma_sum_addr, a)
+            k0 = int32(0)
+            if c > 0:
+                k0 = ptx.ptr_i32(recv_rdma_prefix_addr)[a * C + c - 1]
+            k1 = ptx.ptr_i32(recv_rdma_prefix_addr)[a * C + c]
+            k = k0 + h * WARPS + warp
+            while k < k1:
+                r = r_base + k
+                # Where each GPU of my node holds this token (0: it does not).
+                if lane < G:
+                    head = nvl_head[int64(r) * G + lane]
                     src = uint64(0)
                     if head >= 0:
-                        k = head
-                        if c > 0:
-                            k += ptx.ptr_i32(rdma_prefix_addr)[lane * C + c - 1]
-                        src = base + uint64(cred_off + (int64(lane) * max_tokens + k) * CREC)
+                        p = base if lane == gpu else peers[node * G + lane]
+                        start = ptx.ld_volatile_i32(p + uint64(PUB + 4 * (s * MAX_CHANNELS + c)))
+                        src = p + uint64(cstage_off + int64(start + head) * CREC)
                     srcs[warp, lane] = src
                 cuda.syncwarp()
-                row_off = uint64(int64(t) * H16 * 16)
+                if a == node:   # the source is me: straight into my cred
+                    dst = base + uint64(cred_off + (int64(node) * max_tokens + k) * CREC)
+                else:
+                    dst = base + uint64(csend_off + (int64(a) * max_tokens + k) * CREC)
                 j0 = lane
                 while j0 < H16:
                     _zero(acc)
-                    if bias0_addr != 0:
-                        _add_row(acc, vals, bias0_addr + row_off, j0, H16, True)
-                    if bias1_addr != 0:
-                        _add_row(acc, vals, bias1_addr + row_off, j0, H16, True)
-                    for n in range(N):
-                        sn = srcs[warp, n]
-                        if sn != 0:
-                            _add_row(acc, vals, sn, j0, H16, False)
-                    _store_row(out_addr + row_off, acc, j0, H16)
+                    for g in range(G):
+                        sg = srcs[warp, g]
+                        if sg != 0:
+                            _add_row(acc, vals, sg, j0, H16, True)
+                    _store_row(dst, acc, j0, H16)
                     j0 += 32 * ACC_UNROLL
-                if lane < K and out_w_addr != 0:
-                    ptx.ptr_f32(out_w_addr)[int64(t) * K + lane] = _sum_weights(srcs, warp, N,
-                                                                                2 * H, lane)
+                if lane < K:
+                    ptx.ptr_f32(dst + uint64(2 * H))[lane] = _sum_weights(srcs, warp, G, 2 * H,
+                                                                          lane)
+                if a != node:
+                    ptx.fence_acq_rel_sys()
+                    cuda.syncwarp()
+                    nvb.uint8_put_nbi_warp(
+                        ptx.ptr_u8(base + uint64(cred_off + (int64(node) * max_tokens + k)
+                                                 * CREC)),
+                        ptx.ptr_u8(dst), uint64(CREC), int32(s))
                 cuda.syncwarp()
-                t += WARPS
+                k += step
+        # The second half to finish publishes the channel: its quiet completes this PE's puts,
+        # the other half's too (issued before that half's fenced count).
+        ptx.fence_acq_rel_sys()
+        cuda.syncthreads()
+        if tid == 0:
+            done = ptx.atomic_add_gpu_i32(ws_addr + uint64(4 * (1 + c)), 1)
+            last[1] = 1 if done == 1 else 0
+            if done == 1:
+                ptx.ptr_i32(ws_addr)[1 + c] = 0
+        cuda.syncthreads()
+        if last[1] != 0:
+            publish(base, COMB_FLAG, node, gpu, c, epoch)
+
+        # ---------------- source of channel c, half h: my tokens ----------------
+        if tid < N:
+            wait_epoch(base + uint64(COMB_FLAG + 4 * (tid * MAX_CHANNELS + c)), epoch,
+                       timeout_ns, err_addr, _COMBINE, rank, tid * G + gpu, c)
+        cuda.syncthreads()
+        t0, t1 = channel_range(num_tokens, C, c)
+        rdma_head = ptx.ptr_i32(rdma_head_addr)
+        t = t0 + h * WARPS + warp
+        while t < t1:
+            if lane < N:
+                head = rdma_head[int64(t) * N + lane]
+                src = uint64(0)
+                if head >= 0:
+                    k = head
+                    if c > 0:
+                        k += ptx.ptr_i32(rdma_prefix_addr)[lane * C + c - 1]
+                    src = base + uint64(cred_off + (int64(lane) * max_tokens + k) * CREC)
+                srcs[warp, lane] = src
+            cuda.syncwarp()
+            row_off = uint64(int64(t) * H16 * 16)
+            j0 = lane
+            while j0 < H16:
+                _zero(acc)
+                if bias0_addr != 0:
+                    _add_row(acc, vals, bias0_addr + row_off, j0, H16, True)
+                if bias1_addr != 0:
+                    _add_row(acc, vals, bias1_addr + row_off, j0, H16, True)
+                for n in range(N):
+                    sn = srcs[warp, n]
+                    if sn != 0:
+                        _add_row(acc, vals, sn, j0, H16, False)
+                _store_row(out_addr + row_off, acc, j0, H16)
+                j0 += 32 * ACC_UNROLL
+            if lane < K and out_w_addr != 0:
+                ptx.ptr_f32(out_w_addr)[int64(t) * K + lane] = _sum_weights(srcs, warp, N,
+                                                                            2 * H, lane)
+            cuda.syncwarp()
+            t += step
 
     return combine
 
@@ -957,7 +971,8 @@ class InternodeContext:
         self.errors = error_record()
         self._counters_mem, self.counters, self.counters_dev = mapped_host_array(
             3 + MAX_LOCAL_EXPERTS, np.int32)
-        self.workspace = cupy.zeros(1, dtype=np.int32)
+        #: [0]: combine's staging counter; [1 + c]: halves of channel c done forwarding
+        self.workspace = cupy.zeros(1 + MAX_CHANNELS, dtype=np.int32)
 
     def next_epoch(self) -> int:
         self.epoch += 1
