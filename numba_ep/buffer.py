@@ -1743,8 +1743,11 @@ class Buffer:
 
         Needed before the first low-latency call of a new shape (this Buffer raises otherwise),
         and to start over after a receive hook was dropped. Runs on the caller's current stream
-        between two NVSHMEM barriers; the host does not wait, so make the stream of the
-        low-latency calls that follow current (or order the two streams).
+        (make the stream of the low-latency calls that follow current, or order the two). The
+        host waits for that stream and meets the other ranks in two barriers of the group, so
+        a rank that never calls it makes the others raise CommTimeoutError naming it (the
+        group's timeout; MPI groups wait as MPI does), and this Buffer is unusable after that.
+        Under CUDA-graph capture the barriers are NVSHMEM's, on the stream, without a timeout.
         """
         what = "clean_low_latency_buffer"
         self._check_usable(what)
@@ -1754,7 +1757,16 @@ class Buffer:
 
         with self._guard():
             ctx = self._ll_context(M, H, E)
-            ll.clean_low_latency_buffer(ctx, self._ll_stream(torch_cuda_active()))
+            stream = self._ll_stream(torch_cuda_active())
+            kw = {}
+            if not self._host:
+                import cupy
+
+                # Outside graph capture the group's barriers (bounded, naming a missing rank)
+                # stand in for NVSHMEM's (unbounded); a capture keeps NVSHMEM's, on the stream.
+                if not cupy.cuda.runtime.streamIsCapturing(stream.ptr):
+                    kw["host_barrier"] = self.group.barrier
+            ll.clean_low_latency_buffer(ctx, stream, **kw)
             self._ll_active = (M, H, E)
             self._ll_pending = None
             self._ll_generation += 1

@@ -1390,10 +1390,18 @@ def _check_hook_flag(return_recv_hook):
         raise TypeError(f"return_recv_hook: expected a bool, got {type(return_recv_hook).__name__}")
 
 
-def clean_low_latency_buffer(ctx, stream=None):
-    """Zero both halves' signal words and the workspace between two NVSHMEM barriers on
-    ``stream``. Collective: every rank calls it. Needed after other kernels used the buffer,
-    after a timeout, or to restart a sequence of calls; resets the half index to 0."""
+def clean_low_latency_buffer(ctx, stream=None, host_barrier=None):
+    """Zero both halves' signal words and the workspace between two barriers. Collective: every
+    rank calls it. Needed after other kernels used the buffer, after a timeout, or to restart a
+    sequence of calls; resets the half index to 0.
+
+    The barriers are NVSHMEM barriers on ``stream`` (the host does not wait; capturable in a
+    CUDA graph), or with ``host_barrier`` (a callable that returns once every rank called it,
+    e.g. a group's ``barrier``) host waits: this PE's puts completed and ``stream`` drained,
+    then ``host_barrier()``, before and after the clean kernel. NVSHMEM's barriers never time
+    out, so a rank that never comes leaves the stream waiting for ever; a group's barrier
+    raises instead, naming it."""
+    import cupy
     import nvshmem.bindings as nvb
 
     from numba_ep.launch import stream_handle
@@ -1401,11 +1409,20 @@ def clean_low_latency_buffer(ctx, stream=None):
     ctx._prepare()
     lay = ctx.layout
     h = stream_handle(stream)
-    nvb.barrier_all_on_stream(h)
+
+    def barrier():
+        if host_barrier is None:
+            nvb.barrier_all_on_stream(h)
+        else:
+            nvb.quiet_on_stream(h)   # local: no peer waits
+            cupy.cuda.runtime.streamSynchronize(h)
+            host_barrier()
+
+    barrier()
     _get((make_clean, CLEAN_SIG, {})).launch(
         32, 256, ctx.base + lay["signal_offsets"][0], 2 * lay["signal_bytes"] // 4,
         _addr(ctx.workspace), ctx.workspace.size, stream=stream)
-    nvb.barrier_all_on_stream(h)
+    barrier()
     ctx.buffer_idx = 0
 
 

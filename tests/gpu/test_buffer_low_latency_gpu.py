@@ -8,7 +8,8 @@ BF16 dispatch compared exactly with ``reference.low_latency_dispatch``, combine 
 1e-5 of ``reference.low_latency_combine``, receive hooks, zero-copy combine through
 ``get_next_low_latency_combine_buffer``, ``out=``, ``async_finish``, a new shape refused without
 a clean, torch tensors in and out (when torch is importable), and on EP2 a peer that never
-arrives (CommTimeoutError on rank 0). ``destroy()`` frees the NVSHMEM buffer and finalises
+arrives (CommTimeoutError on rank 0). ``test_clean_names_a_rank_that_never_comes``: EP2, a
+rank that never calls ``clean_low_latency_buffer`` is named in a CommTimeoutError on the other. ``destroy()`` frees the NVSHMEM buffer and finalises
 NVSHMEM. See the worker module's docstring for the details.
 
 Kernels are compiled once, in parallel, before the ranks start (``compiled``). Expected wall
@@ -70,3 +71,19 @@ def test_buffer_low_latency(ranks, compiled, nranks):
         assert len(seen[0]) == 2
         assert "rank 0 waited" in seen[0][0] and "for rank 1" in seen[0][0], seen[0][0]
         assert "unusable" in seen[0][1], seen[0][1]
+
+
+@pytest.mark.parametrize("nranks", ep_params(smallest=2)[:1])
+def test_clean_names_a_rank_that_never_comes(ranks, compiled, nranks):
+    """No silent hang in clean_low_latency_buffer: outside graph capture it meets the other
+    ranks in the group's barriers, so a rank that never calls it is named in a
+    CommTimeoutError after the group's timeout (here 15 s), and the Buffer refuses further
+    work."""
+    results = ranks(f"{WORKERS}:clean_absent_peer", nranks, 25.0, timeout=240,
+                    group_timeout=15)
+    r0 = results[0]
+    assert r0["error"] is not None, "clean without its peer must time out"
+    assert "rank(s) 1" in r0["error"] and r0["peer"] == 1, r0
+    assert r0["elapsed"] < 24, f"took {r0['elapsed']:.1f} s with a 15 s group timeout"
+    assert "unusable" in r0["after"], r0["after"]
+    assert results[1] == {"rank": 1}

@@ -431,3 +431,54 @@ def buffer_ll_suite(group, with_timeout=False):
 
     assert nvshmem_runtime() is None, "destroy() released the last NVSHMEM reference"
     return report
+
+
+def clean_absent_peer(group, sit_out_s):
+    """2 ranks: both clean and run one BF16 round; then rank 1 stays away from every group call
+    for ``sit_out_s`` seconds while rank 0 calls clean_low_latency_buffer, which must raise
+    CommTimeoutError naming rank 1 (the group's barrier) and leave the Buffer unusable, with
+    nothing left waiting on the stream. Then both meet again and destroy the Buffer."""
+    import time
+
+    import cupy
+
+    from numba_ep import Buffer
+    from numba_ep.errors import CommTimeoutError
+
+    s = SHAPES["S"]
+    M, H, E, K = s["M"], s["H"], s["E"], s["K"]
+    buf = Buffer(group, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(M, H, group.size, E),
+                 low_latency_mode=True, explicitly_destroy=True)
+    result = {"rank": group.rank}
+    try:
+        bits, topk, w = W.make_inputs(np.random.default_rng(group.rank), 8, H, K, E, 0)
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            buf.clean_low_latency_buffer(M, H, E)
+            recv_x, _, handle, _, _ = buf.low_latency_dispatch(
+                cupy.asarray(bits), cupy.asarray(topk), M, E, use_fp8=False)
+            buf.low_latency_combine(recv_x, cupy.asarray(topk), cupy.asarray(w), handle)
+        stream.synchronize()
+        group.barrier()
+        if group.rank == 1:
+            time.sleep(sit_out_s)
+        else:
+            t0 = time.monotonic()
+            try:
+                with stream:
+                    buf.clean_low_latency_buffer(M, H, E)
+                result["error"] = None
+            except CommTimeoutError as e:
+                result.update(error=str(e), peer=e.peer)
+            result["elapsed"] = time.monotonic() - t0
+            stream.synchronize()             # nothing of the clean is left waiting
+            try:
+                buf.clean_low_latency_buffer(M, H, E)
+                result["after"] = "no error"
+            except RuntimeError as e:
+                result["after"] = str(e)
+        group.barrier()   # rank 1 completes the barrier rank 0 gave up on (its file is there)
+        group.barrier()
+    finally:
+        buf.destroy()
+    return result
