@@ -462,6 +462,7 @@ def clean_absent_peer(group, sit_out_s):
         group.barrier()
         if group.rank == 1:
             time.sleep(sit_out_s)
+            group.barrier()   # completes the clean's barrier that rank 0 gave up on (its file is there)
         else:
             t0 = time.monotonic()
             try:
@@ -477,8 +478,7 @@ def clean_absent_peer(group, sit_out_s):
                 result["after"] = "no error"
             except RuntimeError as e:
                 result["after"] = str(e)
-        group.barrier()   # rank 1 completes the barrier rank 0 gave up on (its file is there)
-        group.barrier()
+        group.barrier()   # both ranks meet again before the collective destroy
     finally:
         buf.destroy()
     return result
