@@ -826,7 +826,12 @@ class Buffer:
         """Release the NVLink buffer, and the NVSHMEM buffer with this Buffer's reference to
         NVSHMEM (``nvshmem_finalize``; the last reference finalises it). Collective: every rank
         calls it. Only for ``Buffer(explicitly_destroy=True)``. Idempotent; every other method
-        raises RuntimeError afterwards."""
+        raises RuntimeError afterwards.
+
+        A rank that never calls it is named in a ``CommTimeoutError`` after the group's timeout,
+        and so is a rank that calls it after the others gave up on it. NVSHMEM's own free and
+        finalize wait without a timeout, so on such an error this rank leaves its NVSHMEM buffer
+        allocated and NVSHMEM initialised (until the process exits) rather than hang."""
         if not self.explicitly_destroy:
             raise RuntimeError("destroy() is only for Buffer(..., explicitly_destroy=True); this "
                                "Buffer is released when it is garbage-collected")
@@ -838,25 +843,39 @@ class Buffer:
             return
         import cupy
 
-        with cupy.cuda.Device(self.device):
-            cupy.cuda.runtime.deviceSynchronize()
-            if self._ipc is not None:
-                self._ipc.close()  # collective: barrier, unmap peers, barrier, free
-            elif self._sym is None:
-                self.group.barrier()
-            if self._sym is not None:
-                from numba_ep.memory import nvshmem_finalize
+        try:
+            with cupy.cuda.Device(self.device):
+                cupy.cuda.runtime.deviceSynchronize()
+                if self._ipc is not None:
+                    self._ipc.close()  # collective: barrier, unmap peers, barrier, free
+                elif self._sym is None:
+                    self.group.barrier()
+                if self._sym is not None:
+                    self._release_nvshmem()
+        finally:
+            self._ipc = None
+            self._sym = None
+            self._ctx = None
+            self._ll_ctxs = {}
+            self._ll_pending = None
+            self._comm_stream = None
 
-                sym, self._sym = self._sym, None
-                try:
-                    sym.close()    # collective nvshmem_free
-                finally:
-                    nvshmem_finalize()
-        self._ipc = None
-        self._ctx = None
-        self._ll_ctxs = {}
-        self._ll_pending = None
-        self._comm_stream = None
+    def _release_nvshmem(self):
+        """``nvshmem_free`` of this Buffer's symmetric buffer, then its ``nvshmem_finalize``:
+        both wait for every PE and have no timeout, so they are entered only once every rank is
+        known to be here, after two of the group's (bounded) barriers. One barrier is not
+        enough: a rank that arrives after the others timed out passes it (their arrivals are on
+        record) and would then wait in ``nvshmem_free`` alone; the second barrier is where it
+        times out instead, naming them."""
+        from numba_ep.memory import nvshmem_finalize
+
+        self.group.barrier()
+        self.group.barrier()
+        sym, self._sym = self._sym, None
+        try:
+            sym.close()    # collective nvshmem_free
+        finally:
+            nvshmem_finalize()
 
     def __del__(self):
         try:

@@ -9,8 +9,11 @@ BF16 dispatch compared exactly with ``reference.low_latency_dispatch``, combine 
 ``get_next_low_latency_combine_buffer``, ``out=``, ``async_finish``, a new shape refused without
 a clean, torch tensors in and out (when torch is importable), and on EP2 a peer that never
 arrives (CommTimeoutError on rank 0). ``test_clean_names_a_rank_that_never_comes``: EP2, a
-rank that never calls ``clean_low_latency_buffer`` is named in a CommTimeoutError on the other. ``destroy()`` frees the NVSHMEM buffer and finalises
-NVSHMEM. See the worker module's docstring for the details.
+rank that never calls ``clean_low_latency_buffer`` is named in a CommTimeoutError on the other.
+``destroy()`` frees the NVSHMEM buffer and finalises NVSHMEM;
+``test_destroy_names_a_rank_that_never_comes``: EP2, a rank that calls it too late is named
+instead of leaving the other waiting in ``nvshmem_free``. See the worker module's docstring for
+the details.
 
 Kernels are compiled once, in parallel, before the ranks start (``compiled``). Expected wall
 time on 2 H100s: well under 90 s with a warm kernel cache.
@@ -89,3 +92,20 @@ def test_clean_names_a_rank_that_never_comes(ranks, compiled, nranks):
     assert r0["elapsed"] < 19, f"took {r0['elapsed']:.1f} s with a 15 s group timeout"
     assert "unusable" in r0["after"], r0["after"]
     assert results[1] == {"rank": 1}
+
+
+@pytest.mark.parametrize("nranks", ep_params(smallest=2)[:1])
+def test_destroy_names_a_rank_that_never_comes(ranks, compiled, nranks):
+    """No silent hang in destroy(): NVSHMEM's free and finalize have no timeout, so destroy
+    enters them only after two of the group's barriers. Rank 1 comes 20 s late (group timeout
+    15 s): rank 0 times out in the first barrier naming rank 1; rank 1 passes the first (rank
+    0's arrival is on record) and times out in the second, naming rank 0. Neither enters
+    nvshmem_free, and both Buffers refuse further work."""
+    r0, r1 = ranks(f"{WORKERS}:destroy_absent_peer", nranks, 20.0, timeout=240,
+                   group_timeout=15)
+    assert r0["peer"] == 1 and "rank(s) 1" in r0["error"], r0
+    assert r0["elapsed"] < 19, f"rank 0 took {r0['elapsed']:.1f} s with a 15 s group timeout"
+    assert r1["peer"] == 0 and "rank(s) 0" in r1["error"], r1
+    assert r1["elapsed"] < 19, f"rank 1 took {r1['elapsed']:.1f} s with a 15 s group timeout"
+    for r in (r0, r1):
+        assert "destroyed" in r["after"], r["after"]

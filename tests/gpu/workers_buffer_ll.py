@@ -462,7 +462,7 @@ def clean_absent_peer(group, sit_out_s):
         group.barrier()
         if group.rank == 1:
             time.sleep(sit_out_s)
-            group.barrier()   # completes the clean's barrier that rank 0 gave up on (its file is there)
+            group.barrier()   # completes the barrier of the clean that rank 0 gave up on
         else:
             t0 = time.monotonic()
             try:
@@ -481,4 +481,48 @@ def clean_absent_peer(group, sit_out_s):
         group.barrier()   # both ranks meet again before the collective destroy
     finally:
         buf.destroy()
+    return result
+
+
+def destroy_absent_peer(group, sit_out_s):
+    """2 ranks: both clean and run one BF16 round; then rank 0 calls destroy() at once while
+    rank 1 stays away for ``sit_out_s`` seconds (more than the group's timeout) before calling
+    it. Rank 0 must get a CommTimeoutError naming rank 1 (the first of destroy's two barriers),
+    and rank 1, arriving after rank 0 gave up, one naming rank 0 (the second barrier), instead of
+    waiting in nvshmem_free alone. Each returns what it saw; NVSHMEM is left initialised and the
+    process exits."""
+    import time
+
+    import cupy
+
+    from numba_ep import Buffer
+    from numba_ep.errors import CommTimeoutError
+
+    s = SHAPES["S"]
+    M, H, E, K = s["M"], s["H"], s["E"], s["K"]
+    buf = Buffer(group, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(M, H, group.size, E),
+                 low_latency_mode=True, explicitly_destroy=True)
+    bits, topk, w = W.make_inputs(np.random.default_rng(group.rank), 8, H, K, E, 0)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        buf.clean_low_latency_buffer(M, H, E)
+        recv_x, _, handle, _, _ = buf.low_latency_dispatch(
+            cupy.asarray(bits), cupy.asarray(topk), M, E, use_fp8=False)
+        buf.low_latency_combine(recv_x, cupy.asarray(topk), cupy.asarray(w), handle)
+    stream.synchronize()
+    group.barrier()
+    if group.rank == 1:
+        time.sleep(sit_out_s)
+    result = {"rank": group.rank, "error": None, "peer": None}
+    t0 = time.monotonic()
+    try:
+        buf.destroy()
+    except CommTimeoutError as e:
+        result.update(error=str(e), peer=e.peer)
+    result["elapsed"] = time.monotonic() - t0
+    try:
+        buf.clean_low_latency_buffer(M, H, E)
+        result["after"] = "no error"
+    except RuntimeError as e:
+        result["after"] = str(e)
     return result
