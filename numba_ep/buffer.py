@@ -861,16 +861,13 @@ class Buffer:
             self._comm_stream = None
 
     def _release_nvshmem(self):
-        """``nvshmem_free`` of this Buffer's symmetric buffer, then its ``nvshmem_finalize``:
-        both wait for every PE and have no timeout, so they are entered only once every rank is
-        known to be here, after two of the group's (bounded) barriers. One barrier is not
-        enough: a rank that arrives after the others timed out passes it (their arrivals are on
-        record) and would then wait in ``nvshmem_free`` alone; the second barrier is where it
-        times out instead, naming them."""
-        from numba_ep.memory import nvshmem_finalize
+        """``nvshmem_free`` of this Buffer's symmetric buffer, then its ``nvshmem_finalize``.
+        Both wait for every PE and have no timeout, so they come after
+        ``memory.meet_before_nvshmem_collective`` (two bounded barriers); if that raises, the
+        buffer stays allocated."""
+        from numba_ep.memory import meet_before_nvshmem_collective, nvshmem_finalize
 
-        self.group.barrier()
-        self.group.barrier()
+        meet_before_nvshmem_collective(self.group)
         sym, self._sym = self._sym, None
         try:
             sym.close()    # collective nvshmem_free

@@ -378,6 +378,18 @@ class NvshmemRuntime:
                 f"{'active' if self.active else 'finalized'})")
 
 
+def meet_before_nvshmem_collective(group) -> None:
+    """Two of ``group``'s barriers, before a collective NVSHMEM call (``nvshmem_malloc``,
+    ``nvshmem_free``, ``nvshmem_finalize``), which waits for every PE with no timeout.
+
+    The group's barriers are bounded: a rank that never comes is named in a CommTimeoutError.
+    One barrier is not enough, because a rank that arrives after the others timed out passes it
+    (their arrivals are on record) and would then wait in NVSHMEM alone; it times out in the
+    second one instead. Raises what the barriers raise; then skip the NVSHMEM call."""
+    group.barrier()
+    group.barrier()
+
+
 def nvshmem_init(group=None, device=None, heap_bytes=None) -> NvshmemRuntime:
     """Initialize NVSHMEM over ``group`` (collective); PE = group rank. Reference counted.
 
@@ -519,6 +531,7 @@ class SymmetricBuffer:
         self.nbytes = _round_up(nbytes, ALIGNMENT)
         self.device = rt.device
         self._closed = False
+        meet_before_nvshmem_collective(rt.group)  # bounded, so that nv.buffer cannot hang
         with cupy.cuda.Device(self.device):
             self._buf = nv.buffer(self.nbytes)  # collective
             rt._buffers.append(self)
