@@ -1,6 +1,7 @@
-"""The examples run: examples/moe_layer.py (a PyTorch MoE layer over numba_ep.Buffer) on the CPU
-backend at 1 and 3 ranks, and at 4 ranks as 2 nodes of 2 (internode mode), each rank matching
-the dense layer. Needs torch (skips without it)."""
+"""The examples run: examples/moe_layer.py (a PyTorch MoE layer over numba_ep.Buffer, forward
+and backward through numba_ep.autograd) on the CPU backend at 1 and 3 ranks, and at 4 ranks as 2
+nodes of 2 (internode mode), each rank's output and gradients matching the dense layer's. Needs
+torch (skips without it)."""
 import os
 import sys
 
