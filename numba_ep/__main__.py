@@ -37,10 +37,13 @@ def main(argv=None) -> int:
     if args.cmd == "demo":
         from numba_ep import demo
 
-        if args.cpu or (not args.mpi and gpu_count() == 0):
+        no_gpu = args.cpu or gpu_count() == 0
+        if args.mpi:
+            return demo.mpi_demo(cpu=no_gpu)
+        if no_gpu:
             os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before anything imports numba
             return demo.cpu_demo()
-        return demo.gpu_demo(args.ranks, use_mpi=args.mpi)
+        return demo.gpu_demo(args.ranks)
     if args.cmd == "bench":
         if gpu_count() == 0:
             print("bench: no CUDA GPU visible; benchmarks need one", file=sys.stderr)

@@ -69,9 +69,15 @@ def cpu_demo() -> int:
     return 0 if ok else 1
 
 
-def _cpu_rank(group, num_experts=16, num_tokens=256, num_topk=4, hidden=1024):
+def _experts_for(group, about):
+    """``about`` experts rounded up to a multiple of the rank count (any rank count works)."""
+    return -(-about // group.size) * group.size
+
+
+def _cpu_rank(group, num_experts=None, num_tokens=256, num_topk=4, hidden=1024):
     """One rank of the CPU demo: Buffer.get_dispatch_layout -> dispatch -> combine(recv_x) with
-    NumPy arrays (numba_ep.cpu backend); combine must give x times the ranks it visited."""
+    NumPy arrays (numba_ep.cpu backend); combine must give x times the ranks it visited.
+    ``num_experts`` defaults to about 16 (a multiple of the rank count)."""
     import os
 
     import ml_dtypes
@@ -80,6 +86,7 @@ def _cpu_rank(group, num_experts=16, num_tokens=256, num_topk=4, hidden=1024):
     from numba_ep.buffer import Buffer
 
     os.environ["NUMBA_EP_BACKEND"] = "cpu"
+    num_experts = num_experts or _experts_for(group, 16)
     rng = np.random.default_rng()
     x = rng.standard_normal((num_tokens, hidden)).astype(ml_dtypes.bfloat16)
     topk = _random_topk(rng, num_tokens, num_experts, num_topk)
@@ -108,8 +115,9 @@ def _cpu_rank(group, num_experts=16, num_tokens=256, num_topk=4, hidden=1024):
     return ok, line
 
 
-def _gpu_rank(group, num_experts=256, num_tokens=4096, num_topk=8, hidden=7168):
-    """One rank of the GPU demo (runs in its own process)."""
+def _gpu_rank(group, num_experts=None, num_tokens=4096, num_topk=8, hidden=7168):
+    """One rank of the GPU demo (runs in its own process). ``num_experts`` defaults to about 256
+    (a multiple of the rank count)."""
     import pickle
 
     import cupy as cp
@@ -121,6 +129,7 @@ def _gpu_rank(group, num_experts=256, num_tokens=4096, num_topk=8, hidden=7168):
     from numba_ep.kernels.layout import get_dispatch_layout
     from numba_ep.memory import IpcBuffer
 
+    num_experts = num_experts or _experts_for(group, 256)
     lines = []
     rng = np.random.default_rng()
     topk = _random_topk(rng, num_tokens, num_experts, num_topk)
@@ -179,17 +188,26 @@ def _gpu_rank(group, num_experts=256, num_tokens=4096, num_topk=8, hidden=7168):
     return ok, lines
 
 
-def gpu_demo(num_ranks=None, use_mpi=False) -> int:
-    """Run ``_gpu_rank`` on every local GPU (or under MPI) and print each rank's report."""
-    from numba_ep.group import as_group, spawn
+def mpi_demo(cpu=False) -> int:
+    """This process as one rank of the MPI job: ``_gpu_rank`` on its GPU, or with ``cpu`` the
+    Buffer round trip of ``_cpu_rank`` on the CPU backend (so ``mpirun`` works on a machine
+    without a GPU too); prints this rank's report."""
+    from numba_ep.group import as_group
 
-    if use_mpi:
-        group = as_group(None)
+    group = as_group(None)
+    if cpu:
+        ok, line = _cpu_rank(group)
+        lines = [f"CPU backend, {group.size} MPI ranks: {line}"]
+    else:
         ok, lines = _gpu_rank(group)
-        for line in lines:
-            print(f"[rank {group.rank}] {line}")
-        return 0 if ok else 1
-    from numba_ep.group import gpu_count
+    for line in lines:
+        print(f"[rank {group.rank}] {line}", flush=True)
+    return 0 if ok else 1
+
+
+def gpu_demo(num_ranks=None) -> int:
+    """Run ``_gpu_rank`` on every local GPU, one spawned process each; print each report."""
+    from numba_ep.group import gpu_count, spawn
 
     n = num_ranks or gpu_count()
     print(f"numba_ep demo on {n} GPU(s), one process each")

@@ -17,10 +17,10 @@ into a Group.
 Who waits on whom
 -----------------
 Every collective is called by all ranks in the same order. ``allgather_bytes`` returns when every
-rank has contributed; ``barrier`` is an all-gather of nothing. In a ``LocalGroup`` each wait is
-bounded by ``timeout`` (default: env ``NUMBA_EP_TIMEOUT_S``, else 100 s); when it runs out the
-waiting rank raises ``numba_ep.errors.CommTimeoutError`` naming the ranks that never arrived. MPI
-and torch waits are bounded only by what those libraries do (torch: the process group's timeout).
+rank has contributed; ``barrier`` is an all-gather of nothing. In a ``LocalGroup`` and an
+``MPIGroup`` each wait is bounded by ``timeout`` (default: env ``NUMBA_EP_TIMEOUT_S``, else 100 s);
+when it runs out the waiting rank raises ``numba_ep.errors.CommTimeoutError`` naming the ranks
+that never arrived. Torch waits are bounded by the process group's own timeout.
 
 The LocalGroup store
 --------------------
@@ -142,6 +142,49 @@ def _fmt_ranks(ranks):
     return ", ".join(str(r) for r in ranks)
 
 
+def _poll_gather(group, seq, what, data, fetch, abort_text=None):
+    """The waiting half of a bounded all-gather, shared by LocalGroup and MPIGroup.
+
+    ``fetch(r)`` returns rank r's bytes of round ``seq``, or None while they have not arrived.
+    Polls with a nap growing from 20 us to 2 ms until every rank's bytes are in (returns them
+    in rank order, ``data`` at ``group.rank``), or ``group.timeout`` passes (CommTimeoutError
+    naming the ranks that never arrived), or ``abort_text()`` (checked every 10 ms) gives a
+    reason (PeerFailedError)."""
+    out = [None] * group.size
+    out[group.rank] = data
+    missing = set(range(group.size)) - {group.rank}
+    start = time.monotonic()
+    deadline = start + group.timeout
+    next_abort_check = start + 0.01
+    nap = 20e-6
+    while missing:
+        for r in list(missing):
+            got = fetch(r)
+            if got is not None:
+                out[r] = got
+                missing.discard(r)
+        if not missing:
+            break
+        now = time.monotonic()
+        if abort_text is not None and now >= next_abort_check:
+            next_abort_check = now + 0.01
+            text = abort_text()
+            if text is not None:
+                raise PeerFailedError(
+                    f"rank {group.rank}: {what} #{seq} abandoned while waiting for rank(s) "
+                    f"{_fmt_ranks(missing)}: {text}")
+        if now >= deadline:
+            peers = tuple(sorted(missing))
+            raise CommTimeoutError(
+                f"rank {group.rank}: {what} #{seq} timed out after {group.timeout:g} s; "
+                f"rank(s) {_fmt_ranks(peers)} of {group.size} never arrived "
+                f"(set {ENV_TIMEOUT} or pass timeout= to wait longer)",
+                what=what, rank=group.rank, peer=peers[0] if len(peers) == 1 else peers)
+        time.sleep(nap)
+        nap = min(nap * 2, 2e-3)
+    return out
+
+
 # -------------------------------------------------------------------------------------------------
 # The interface
 # -------------------------------------------------------------------------------------------------
@@ -224,7 +267,20 @@ class SingleRankGroup(Group):
 # -------------------------------------------------------------------------------------------------
 
 
-class LocalGroup(Group):
+class _PolledGroup(Group):
+    """A group whose ``allgather_bytes(data, _what=...)`` polls with ``_poll_gather``: barrier
+    and broadcast are all-gathers that say what they were in a timeout's message."""
+
+    def barrier(self):
+        self.allgather_bytes(b"", _what="barrier")
+
+    def broadcast_bytes(self, data, root=0):
+        self._check_root(root)
+        mine = bytes(data) if (self.rank == root and data is not None) else b""
+        return self.allgather_bytes(mine, _what=f"broadcast_bytes(root={root})")[root]
+
+
+class LocalGroup(_PolledGroup):
     """Ranks on one host exchanging bytes through files in a shared directory.
 
     ``spawn`` builds one per child; to use it without spawn, give every process the same
@@ -268,40 +324,14 @@ class LocalGroup(Group):
         self._seq += 1
         _atomic_write(self._file(seq, self.rank), data)
 
-        out = [None] * self.size
-        out[self.rank] = data
-        missing = set(range(self.size)) - {self.rank}
-        start = time.monotonic()
-        deadline = start + self.timeout
-        next_abort_check = start + 0.01
-        nap = 20e-6
-        while missing:
-            for r in list(missing):
-                try:
-                    with open(self._file(seq, r), "rb") as f:
-                        out[r] = f.read()
-                except FileNotFoundError:
-                    continue
-                missing.discard(r)
-            if not missing:
-                break
-            now = time.monotonic()
-            if now >= next_abort_check:
-                next_abort_check = now + 0.01
-                text = self._abort_text()
-                if text is not None:
-                    raise PeerFailedError(
-                        f"rank {self.rank}: {_what} #{seq} abandoned while waiting for rank(s) "
-                        f"{_fmt_ranks(missing)}: {text}")
-            if now >= deadline:
-                peers = tuple(sorted(missing))
-                raise CommTimeoutError(
-                    f"rank {self.rank}: {_what} #{seq} timed out after {self.timeout:g} s; "
-                    f"rank(s) {_fmt_ranks(peers)} of {self.size} never arrived "
-                    f"(set {ENV_TIMEOUT} or pass timeout= to wait longer)",
-                    what=_what, rank=self.rank, peer=peers[0] if len(peers) == 1 else peers)
-            time.sleep(nap)
-            nap = min(nap * 2, 2e-3)
+        def fetch(r):
+            try:
+                with open(self._file(seq, r), "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                return None
+
+        out = _poll_gather(self, seq, _what, data, fetch, self._abort_text)
 
         # Everyone wrote round seq, so everyone has finished reading round seq-1.
         if seq > 0:
@@ -311,13 +341,6 @@ class LocalGroup(Group):
                 pass
         return out
 
-    def barrier(self):
-        self.allgather_bytes(b"", _what="barrier")
-
-    def broadcast_bytes(self, data, root=0):
-        self._check_root(root)
-        mine = bytes(data) if (self.rank == root and data is not None) else b""
-        return self.allgather_bytes(mine, _what=f"broadcast_bytes(root={root})")[root]
 
     def close(self):
         self._closed = True
@@ -352,37 +375,52 @@ def _write_abort(store, reason):
 # -------------------------------------------------------------------------------------------------
 
 
-class MPIGroup(Group):
-    """An mpi4py communicator. Waits are not bounded by numba_ep (MPI has no timeouts)."""
+class MPIGroup(_PolledGroup):
+    """An mpi4py communicator, with every wait bounded as in LocalGroup.
 
-    def __init__(self, comm=None):
+    ``timeout`` (seconds; None: env ``NUMBA_EP_TIMEOUT_S``, else 100 s) bounds each collective.
+    MPI's own collectives wait forever, so these are built from point-to-point messages: each
+    rank sends its bytes to every other rank (``isend``, tagged with the collective's number)
+    and polls for theirs (``improbe``), so that a rank that never arrives is named in a
+    CommTimeoutError. A rank that arrives late still receives the bytes sent to it, as in
+    LocalGroup. This is O(size) messages per rank: meant for set-up and the occasional barrier,
+    not for data. ``local_rank`` / ``local_size`` come from gathering every rank's host name.
+    """
+
+    _TAG_BASE, _TAG_SPAN = 0x4E45, 16384   # tags stay below MPI's guaranteed upper bound 32767
+
+    def __init__(self, comm=None, timeout=None):
         from mpi4py import MPI
 
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
-        self._shared = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_rank = self._shared.Get_rank()
-        self.local_size = self._shared.Get_size()
+        self.timeout = default_timeout() if timeout is None else float(timeout)
+        self._seq = 0
+        self._sends = []   # isend requests not yet known to be complete
+        keys = self.allgather_object(_host_key())
+        self.local_rank, self.local_size = _local_placement(keys, self.rank)
 
-    def allgather_bytes(self, data):
-        return [bytes(b) for b in self.comm.allgather(_as_bytes(data))]
+    def allgather_bytes(self, data, *, _what="allgather_bytes"):
+        data = _as_bytes(data)
+        seq = self._seq
+        self._seq += 1
+        tag = self._TAG_BASE + seq % self._TAG_SPAN
+        for r in range(self.size):
+            if r != self.rank:
+                self._sends.append(self.comm.isend(data, dest=r, tag=tag))
 
-    def barrier(self):
-        self.comm.Barrier()
+        def fetch(r):
+            msg = self.comm.improbe(source=r, tag=tag)
+            return None if msg is None else msg.recv()
 
-    def broadcast_bytes(self, data, root=0):
-        self._check_root(root)
-        mine = (b"" if data is None else _as_bytes(data)) if self.rank == root else None
-        return bytes(self.comm.bcast(mine, root=root))
+        out = _poll_gather(self, seq, _what, data, fetch)
+        self._sends = [q for q in self._sends if not q.Test()]
+        return out
+
 
     def close(self):
-        shared, self._shared = getattr(self, "_shared", None), None
-        if shared is not None:
-            try:
-                shared.Free()
-            except Exception:
-                pass
+        self._sends = []
 
 
 class TorchGroup(Group):

