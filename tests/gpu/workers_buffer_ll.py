@@ -433,6 +433,30 @@ def buffer_ll_suite(group, with_timeout=False):
     return report
 
 
+def _buffer_after_one_round(group):
+    """An explicitly destroyed low-latency Buffer of shape S that has been cleaned and has run
+    one BF16 dispatch + combine on a new stream, synchronised and past a group barrier: the
+    state in which the fault tests below take a rank away. Returns (buf, stream, M, H, E)."""
+    import cupy
+
+    from numba_ep import Buffer
+
+    s = SHAPES["S"]
+    M, H, E, K = s["M"], s["H"], s["E"], s["K"]
+    buf = Buffer(group, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(M, H, group.size, E),
+                 low_latency_mode=True, explicitly_destroy=True)
+    bits, topk, w = W.make_inputs(np.random.default_rng(group.rank), 8, H, K, E, 0)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        buf.clean_low_latency_buffer(M, H, E)
+        recv_x, _, handle, _, _ = buf.low_latency_dispatch(
+            cupy.asarray(bits), cupy.asarray(topk), M, E, use_fp8=False)
+        buf.low_latency_combine(recv_x, cupy.asarray(topk), cupy.asarray(w), handle)
+    stream.synchronize()
+    group.barrier()
+    return buf, stream, M, H, E
+
+
 def clean_absent_peer(group, sit_out_s):
     """2 ranks: both clean and run one BF16 round; then rank 1 stays away from every group call
     for ``sit_out_s`` seconds while rank 0 calls clean_low_latency_buffer, which must raise
@@ -440,26 +464,11 @@ def clean_absent_peer(group, sit_out_s):
     nothing left waiting on the stream. Then both meet again and destroy the Buffer."""
     import time
 
-    import cupy
-
-    from numba_ep import Buffer
     from numba_ep.errors import CommTimeoutError
 
-    s = SHAPES["S"]
-    M, H, E, K = s["M"], s["H"], s["E"], s["K"]
-    buf = Buffer(group, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(M, H, group.size, E),
-                 low_latency_mode=True, explicitly_destroy=True)
+    buf, stream, M, H, E = _buffer_after_one_round(group)
     result = {"rank": group.rank}
     try:
-        bits, topk, w = W.make_inputs(np.random.default_rng(group.rank), 8, H, K, E, 0)
-        stream = cupy.cuda.Stream(non_blocking=True)
-        with stream:
-            buf.clean_low_latency_buffer(M, H, E)
-            recv_x, _, handle, _, _ = buf.low_latency_dispatch(
-                cupy.asarray(bits), cupy.asarray(topk), M, E, use_fp8=False)
-            buf.low_latency_combine(recv_x, cupy.asarray(topk), cupy.asarray(w), handle)
-        stream.synchronize()
-        group.barrier()
         if group.rank == 1:
             time.sleep(sit_out_s)
             group.barrier()   # completes the barrier of the clean that rank 0 gave up on
@@ -493,24 +502,9 @@ def destroy_absent_peer(group, sit_out_s):
     process exits."""
     import time
 
-    import cupy
-
-    from numba_ep import Buffer
     from numba_ep.errors import CommTimeoutError
 
-    s = SHAPES["S"]
-    M, H, E, K = s["M"], s["H"], s["E"], s["K"]
-    buf = Buffer(group, num_rdma_bytes=Buffer.get_low_latency_rdma_size_hint(M, H, group.size, E),
-                 low_latency_mode=True, explicitly_destroy=True)
-    bits, topk, w = W.make_inputs(np.random.default_rng(group.rank), 8, H, K, E, 0)
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        buf.clean_low_latency_buffer(M, H, E)
-        recv_x, _, handle, _, _ = buf.low_latency_dispatch(
-            cupy.asarray(bits), cupy.asarray(topk), M, E, use_fp8=False)
-        buf.low_latency_combine(recv_x, cupy.asarray(topk), cupy.asarray(w), handle)
-    stream.synchronize()
-    group.barrier()
+    buf, _, M, H, E = _buffer_after_one_round(group)
     if group.rank == 1:
         time.sleep(sit_out_s)
     result = {"rank": group.rank, "error": None, "peer": None}
