@@ -55,3 +55,18 @@ def test_readme_decoding_block_is_code():
     names = {n.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
              for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name)}
     assert {"buf", "stream", "x", "topk_idx", "topk_w", "out", "graph", "E"} <= names
+
+
+def test_readme_worker_block_is_a_script():
+    """The README's first example parses as the script ep_worker.py, with a top-level ``main``
+    (so spawn can send it) started under ``if __name__ == "__main__"``; tests/gpu/test_readme_gpu.py
+    runs it on GPUs."""
+    import ast
+
+    from readme_code import python_block_after
+
+    code = python_block_after("## Using it")
+    assert code.startswith("# ep_worker.py")
+    tree = ast.parse(code)
+    assert any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body)
+    assert any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body)
