@@ -28,7 +28,10 @@ not offered here; use Buffer.dispatch for inference.
 """
 from __future__ import annotations
 
-import torch
+try:
+    import torch
+except ImportError as e:  # the rest of numba_ep works without torch; this module cannot
+    raise ImportError("numba_ep.autograd needs PyTorch (pip install -e \".[torch]\")") from e
 
 __all__ = ["dispatch", "combine"]
 
