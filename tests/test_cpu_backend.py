@@ -74,11 +74,11 @@ def test_low_latency_on_the_cpu(cpu_backend, nranks):
     assert sum(sum(r["moved"]) for r in results) > 0
 
 
-@pytest.mark.parametrize("nranks,gpus_per_node", [(4, 2), (6, 3), (3, 1), (8, 4)])
+@pytest.mark.parametrize("nranks,gpus_per_node", [(4, 2), (6, 3), (3, 1), (8, 4), (8, 2)])
 def test_internode_on_the_cpu(cpu_backend, monkeypatch, nranks, gpus_per_node):
     """Internode normal mode (ranks split into nodes by NUMBA_EP_GPUS_PER_NODE): the Buffer's
     10-item handle and every output equal reference.internode_dispatch / internode_combine.
-    8 ranks as 2 x 4 is the layout of 2 nodes of 4 GPUs, which no lent machine has had."""
+    8 ranks as 2 x 4 and 4 x 2 are the 8-GPU layouts, which no lent machine has had."""
     monkeypatch.setenv("NUMBA_EP_GPUS_PER_NODE", str(gpus_per_node))
     seed = secrets.randbits(31)
     print(f"seed = {seed}")
