@@ -6,6 +6,7 @@ Public names (imported lazily, so ``import numba_ep`` stays cheap and works with
 - ``topk_idx_t``: the NumPy dtype of expert indices (int64, as DeepEP's default build).
 - ``Group``, ``spawn``: process groups (``numba_ep.group``).
 - ``reference``: the NumPy specification of every operation.
+- ``autograd``: differentiable dispatch and combine for PyTorch (needs torch).
 """
 import numpy as _np
 
@@ -29,6 +30,10 @@ _LAZY = {
 }
 
 
+#: submodules reachable as ``numba_ep.<name>`` after a plain ``import numba_ep``
+_LAZY_MODULES = ("reference", "group", "autograd")
+
+
 def __getattr__(name):
     if name in _LAZY:
         import importlib
@@ -37,12 +42,12 @@ def __getattr__(name):
         value = getattr(importlib.import_module(mod), attr)
         globals()[name] = value
         return value
-    if name == "reference":
+    if name in _LAZY_MODULES:
         import importlib
 
-        return importlib.import_module("numba_ep.reference")
+        return importlib.import_module(f"numba_ep.{name}")
     raise AttributeError(f"module 'numba_ep' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_LAZY) + ["reference"])
+    return sorted(list(globals()) + list(_LAZY) + list(_LAZY_MODULES))

@@ -257,6 +257,21 @@ def test_lazy_exports():
     assert numba_ep.CommTimeoutError is CommTimeoutError
 
 
+def test_submodules_after_a_plain_import():
+    """``import numba_ep`` alone, in a fresh interpreter, reaches ``numba_ep.group`` and
+    ``numba_ep.reference`` (and ``numba_ep.autograd`` where torch is installed)."""
+    import subprocess
+
+    code = ("import numba_ep, importlib.util as u; numba_ep.group.as_group; "
+            "numba_ep.reference.calc_diff; "
+            "u.find_spec('torch') is None or numba_ep.autograd.dispatch; print('ok')")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
 # ------------------------------------------------------------------ torch.distributed (gloo, CPU)
 
 
