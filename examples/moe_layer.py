@@ -30,7 +30,6 @@ import argparse
 import os
 
 import numba_ep
-import numba_ep.group  # as_group, gpu_count (not loaded by "import numba_ep" alone)
 
 HIDDEN, FFN, EXPERTS, TOPK, TOKENS = 256, 512, 24, 4, 96  # 24 experts: 1, 2, 3, 4, 6 or 8 ranks
 
