@@ -402,6 +402,48 @@ def _logfmt_value(code, signs, i, lmin, step):
 # Dispatch, send phase
 # ---------------------------------------------------------------------------------------------
 
+def _make_last_block_takes_over(use_nvshmem):
+    """Step 3 of both send kernels, in one place: a device function that every thread of every
+    block calls once its stores are issued, and that returns True in the one block that drew the
+    last ticket, which then publishes the counts (dispatch) or flags (combine).
+
+    Release chain: every thread's stores -> fence -> block barrier -> thread 0's fence + ticket
+    atomic -> the last block's ticket (it sees all G increments) -> barrier, fence -> (NVSHMEM
+    path: quiet, which completes this PE's puts) -> zero the other half's ``num_sig`` signal
+    words -> barrier, fence. The caller's relaxed system-scope stores that follow are therefore
+    releases, and the receivers' ld.acquire.sys pair with them. ``last`` is the kernel's
+    ``int32[1]`` shared array."""
+    if use_nvshmem:
+        import nvshmem.bindings.device.numba as nvb
+
+    @cuda.jit(device=True, inline=True)
+    def last_block_takes_over(ws_addr, last, tid, base, other_sig_off, num_sig):
+        ptx.fence_acq_rel_sys()      # each thread's stores are complete system-wide
+        cuda.syncthreads()
+        if tid == 0:
+            ptx.fence_acq_rel_sys()  # after the barrier: covers the whole block, then the ticket
+            done = ptx.atomic_add_gpu_i32(ws_addr, 1)
+            last[0] = 1 if done == cuda.gridDim.x - 1 else 0
+        cuda.syncthreads()
+        if last[0] == 0:
+            return False
+        ptx.fence_acq_rel_sys()
+        if use_nvshmem:
+            if tid == 0:
+                nvb.quiet()
+            cuda.syncthreads()
+        other = ptx.ptr_i32(base + uint64(other_sig_off))
+        i = tid
+        while i < num_sig:
+            other[i] = 0       # the other half's signals, for the next call
+            i += THREADS
+        cuda.syncthreads()
+        ptx.fence_acq_rel_sys()
+        return True
+
+    return last_block_takes_over
+
+
 DISPATCH_SEND_SIG = ("void(uint64, uint64, int32, int32, uint64, uint64, int64, int64, int64, "
                      "int64, uint64)")
 
@@ -421,6 +463,7 @@ def make_dispatch_send(num_ranks, num_experts, hidden, num_topk, max_tokens, use
     ROW16 = H // 8                                     # BF16: 16-byte vectors per row
     if use_nvshmem:
         import nvshmem.bindings.device.numba as nvb
+    last_block_takes_over = _make_last_block_takes_over(use_nvshmem)
 
     def dispatch_send(x_addr, topk_addr, num_tokens, rank, bufs_addr, base, send_off, recv_off,
                       sig_off, other_sig_off, ws_addr):
@@ -495,31 +538,9 @@ def make_dispatch_send(num_ranks, num_experts, hidden, num_topk, max_tokens, use
                 k += WARPS
             t += cuda.gridDim.x
 
-        # 3. The last block to finish publishes the counts. Release chain: every thread's
-        #    stores -> fence -> block barrier -> thread 0's fence + ticket atomic -> the last
-        #    block's ticket (it sees all G increments) -> barrier, fence -> zero the other half
-        #    -> barrier, fence -> one relaxed system-scope store per count (fence + strong store
-        #    = release); the receiver's ld.acquire.sys pairs with it.
-        ptx.fence_acq_rel_sys()      # each thread's stores are complete system-wide
-        cuda.syncthreads()
-        if tid == 0:
-            ptx.fence_acq_rel_sys()  # after the barrier: covers the whole block, then the ticket
-            done = ptx.atomic_add_gpu_i32(ws_addr, 1)
-            last[0] = 1 if done == cuda.gridDim.x - 1 else 0
-        cuda.syncthreads()
-        if last[0] != 0:
-            ptx.fence_acq_rel_sys()
-            if use_nvshmem:
-                if tid == 0:
-                    nvb.quiet()
-                cuda.syncthreads()
-            other = ptx.ptr_i32(base + uint64(other_sig_off))
-            i = tid
-            while i < E:
-                other[i] = 0       # the other half's signals, for the next call
-                i += THREADS
-            cuda.syncthreads()
-            ptx.fence_acq_rel_sys()
+        # 3. The last block to finish publishes the counts (one relaxed system-scope store per
+        #    count after the takeover's fences: a release).
+        if last_block_takes_over(ws_addr, last, tid, base, other_sig_off, E):
             e = tid
             while e < E:
                 n = min(ptx.ld_volatile_i32(ws_addr + uint64(4 * (1 + e))), M)
@@ -672,6 +693,7 @@ def make_combine_send(num_ranks, num_experts, hidden, max_tokens, use_logfmt, ze
     if use_nvshmem:
         import nvshmem.bindings.device.numba as nvb
     encode_row = _make_logfmt_encoder(H, vec16) if use_logfmt else None
+    last_block_takes_over = _make_last_block_takes_over(use_nvshmem)
 
     def combine_send(x_addr, src_addr, layout_addr, rank, bufs_addr, base, send_off, recv_off,
                      sig_off, other_sig_off, ws_addr, tab_addr):
@@ -781,27 +803,8 @@ def make_combine_send(num_ranks, num_experts, hidden, max_tokens, use_logfmt, ze
                                        uint64((i1 - i0) * 4), int32(dst))
             u += cuda.gridDim.x * WARPS
 
-        # 3. The last block: zero the other half's signals, then flag[me] = 1 at every rank.
-        ptx.fence_acq_rel_sys()      # each thread's stores are complete system-wide
-        cuda.syncthreads()
-        if tid == 0:
-            ptx.fence_acq_rel_sys()  # after the barrier: covers the whole block, then the ticket
-            done = ptx.atomic_add_gpu_i32(ws_addr, 1)
-            last[0] = 1 if done == cuda.gridDim.x - 1 else 0
-        cuda.syncthreads()
-        if last[0] != 0:
-            ptx.fence_acq_rel_sys()
-            if use_nvshmem:
-                if tid == 0:
-                    nvb.quiet()
-                cuda.syncthreads()
-            other = ptx.ptr_i32(base + uint64(other_sig_off))
-            i = tid
-            while i < E:
-                other[i] = 0
-                i += THREADS
-            cuda.syncthreads()
-            ptx.fence_acq_rel_sys()
+        # 3. The last block (the other half's signals zeroed): flag[me] = 1 at every rank.
+        if last_block_takes_over(ws_addr, last, tid, base, other_sig_off, E):
             d = tid
             while d < R:
                 peer = bufs[d]
@@ -902,15 +905,7 @@ def _make_logfmt_encoder(hidden, vec16):
                                 | (uint32(other_signs) << uint32(16))
                                 | (uint32(signs) << uint32(24)))
                 else:
-                    raw = payload + uint64(16 * sub)
-                    if vec16:
-                        ptx.st_v4(raw, a0, a1, a2, a3)
-                    else:
-                        p = ptx.ptr_u32(raw)
-                        p[0] = a0
-                        p[1] = a1
-                        p[2] = a2
-                        p[3] = a3
+                    _st16(payload + uint64(16 * sub), a0, a1, a2, a3, vec16)
             d0 += 2
         return 4 * D + carry
 
