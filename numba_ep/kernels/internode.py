@@ -98,7 +98,7 @@ from numba import cuda, float32, int32, int64, uint32, uint64
 
 from numba_ep.interop import address
 from numba_ep.kernels import ptx
-from numba_ep.kernels.intranode import _add_bf16x8, _align, _ld16, channel_range, copy_row
+from numba_ep.kernels.intranode import _align, add_row, channel_range, copy_row
 from numba_ep.kernels.waits import KERNEL_IDS, record_timeout, timed_out
 
 THREADS = 512               # 16 warps per block
@@ -246,24 +246,6 @@ def _zero(acc):
     for u in range(ACC_UNROLL):
         for e in range(8):
             acc[u, e] = float32(0)
-
-
-@cuda.jit(device=True, inline=True)
-def _add_row(acc, vals, src, j0, h16, nc):
-    """acc[u] += the eight bf16 values of 16-byte chunk ``j0 + 32u`` of the row at ``src``, for
-    u < ACC_UNROLL: all loads first, so that ACC_UNROLL of them are in flight per lane (a remote
-    row over NVLink costs a microsecond of latency per round)."""
-    for u in range(ACC_UNROLL):
-        j = j0 + 32 * u
-        if j < h16:
-            a0, a1, a2, a3 = _ld16(src + uint64(j * 16), nc)
-            vals[u, 0] = a0
-            vals[u, 1] = a1
-            vals[u, 2] = a2
-            vals[u, 3] = a3
-    for u in range(ACC_UNROLL):
-        if j0 + 32 * u < h16:
-            _add_bf16x8(acc, u, vals[u, 0], vals[u, 1], vals[u, 2], vals[u, 3])
 
 
 @cuda.jit(device=True, inline=True)
@@ -801,7 +783,7 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
                     for g in range(G):
                         sg = srcs[warp, g]
                         if sg != 0:
-                            _add_row(acc, vals, sg, j0, H16, True)
+                            add_row(acc, vals, sg, j0, H16, True, ACC_UNROLL)
                     _store_row(dst, acc, j0, H16)
                     j0 += 32 * ACC_UNROLL
                 if lane < K:
@@ -853,13 +835,13 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
             while j0 < H16:
                 _zero(acc)
                 if bias0_addr != 0:
-                    _add_row(acc, vals, bias0_addr + row_off, j0, H16, True)
+                    add_row(acc, vals, bias0_addr + row_off, j0, H16, True, ACC_UNROLL)
                 if bias1_addr != 0:
-                    _add_row(acc, vals, bias1_addr + row_off, j0, H16, True)
+                    add_row(acc, vals, bias1_addr + row_off, j0, H16, True, ACC_UNROLL)
                 for n in range(N):
                     sn = srcs[warp, n]
                     if sn != 0:
-                        _add_row(acc, vals, sn, j0, H16, False)
+                        add_row(acc, vals, sn, j0, H16, False, ACC_UNROLL)
                 _store_row(out_addr + row_off, acc, j0, H16)
                 j0 += 32 * ACC_UNROLL
             if lane < K and out_w_addr != 0:

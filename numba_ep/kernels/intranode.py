@@ -589,6 +589,26 @@ def _add_bf16x8(acc, u, a, b, c, d):
     acc[u, 7] += hi
 
 
+@cuda.jit(device=True, inline=True)
+def add_row(acc, vals, src, j0, h16, nc, unroll):
+    """acc[u] += the eight bf16 values of 16-byte chunk ``j0 + 32u`` of the row at ``src``, for
+    u < ``unroll`` (a compile-time constant of the caller; ``acc`` is ``float32[unroll, 8]`` and
+    ``vals`` ``uint32[unroll, 4]`` in registers). All loads come first, so that ``unroll`` of
+    them are in flight per lane: a remote row over NVLink costs about a microsecond of latency
+    per round trip. ``nc`` as in ``_ld16``."""
+    for u in range(unroll):
+        j = j0 + 32 * u
+        if j < h16:
+            a0, a1, a2, a3 = _ld16(src + uint64(j * 16), nc)
+            vals[u, 0] = a0
+            vals[u, 1] = a1
+            vals[u, 2] = a2
+            vals[u, 3] = a3
+    for u in range(unroll):
+        if j0 + 32 * u < h16:
+            _add_bf16x8(acc, u, vals[u, 0], vals[u, 1], vals[u, 2], vals[u, 3])
+
+
 def make_combine(num_ranks, num_channels, num_recv_slots, row16, num_topk, off_tail, off_head,
                  off_x, off_weight, ring_nc=True, unroll=8, **_unused_offsets):
     """Arguments: buffer table, rank, T, x (bf16 [N_recv, H]), topk_weights (0 = none), bias0,
@@ -704,19 +724,7 @@ def make_combine(num_ranks, num_channels, num_recv_slots, row16, num_topk, off_t
                         for d in range(R):
                             base_d = srcs[warp, d]
                             if base_d != 0:
-                                for u in range(U):
-                                    j = j0 + 32 * u
-                                    if j < H16:
-                                        a0, a1, a2, a3 = _ld16(base_d + uint64(j * 16),
-                                                               d == rank or ring_nc)
-                                        vals[u, 0] = a0
-                                        vals[u, 1] = a1
-                                        vals[u, 2] = a2
-                                        vals[u, 3] = a3
-                                for u in range(U):
-                                    if j0 + 32 * u < H16:
-                                        _add_bf16x8(acc, u, vals[u, 0], vals[u, 1], vals[u, 2],
-                                                    vals[u, 3])
+                                add_row(acc, vals, base_d, j0, H16, d == rank or ring_nc, U)
                         for u in range(U):
                             j = j0 + 32 * u
                             if j < H16:
