@@ -118,8 +118,8 @@ from numba_ep import config as _config
 from numba_ep.config import Config
 from numba_ep.errors import CommTimeoutError
 from numba_ep.interop import (CUPY_CARRIER, ArrayInfo, EventOverlap, array_info, array_key,
-                              bytes_view, caller_stream, device_view, is_array, record_event, to_caller,
-                              torch_cuda_active)
+                              bytes_view, caller_stream, device_view, is_array, record_event,
+                              to_caller, torch_cuda_active)
 
 __all__ = ["Buffer", "Config", "EventOverlap", "check_expert_ids", "MAX_TOPK", "MAX_RANKS"]
 
@@ -1589,7 +1589,8 @@ class Buffer:
         The barriers are the group's host-side ones, not NVSHMEM barriers on the stream: those
         have no timeout, so a rank that never comes would hang this rank's stream, and every
         later synchronisation (even ``destroy``) with it. The group's barrier raises
-        CommTimeoutError naming the missing rank instead (MPI groups: unbounded, as MPI is).
+        CommTimeoutError naming the missing rank instead (torch groups: after the process
+        group's own timeout).
         This runs once per switch of mode, so the host waits here do not matter for speed."""
         from numba_ep.kernels import internode
 
@@ -1762,7 +1763,8 @@ class Buffer:
         (make the stream of the low-latency calls that follow current, or order the two). The
         host waits for that stream and meets the other ranks in two barriers of the group, so
         a rank that never calls it makes the others raise CommTimeoutError naming it (the
-        group's timeout; MPI groups wait as MPI does), and this Buffer is unusable after that.
+        group's timeout; torch groups: the process group's), and this Buffer is unusable after
+        that.
         Under CUDA-graph capture the barriers are NVSHMEM's, on the stream, without a timeout.
         """
         what = "clean_low_latency_buffer"
@@ -2314,6 +2316,10 @@ def _allocate_symmetric(group, device, nbytes, allow_mnnvl):
     nvshmem_init(group, device)
     try:
         return SymmetricBuffer(nbytes)
+    except CommTimeoutError:
+        # A rank never came to the allocation: nvshmem_finalize would wait for it (no timeout),
+        # so this process keeps its NVSHMEM reference, as destroy() does after such an error.
+        raise
     except BaseException:
         nvshmem_finalize()
         raise

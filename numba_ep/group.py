@@ -341,7 +341,6 @@ class LocalGroup(_PolledGroup):
                 pass
         return out
 
-
     def close(self):
         self._closed = True
 
@@ -417,7 +416,6 @@ class MPIGroup(_PolledGroup):
         out = _poll_gather(self, seq, _what, data, fetch)
         self._sends = [q for q in self._sends if not q.Test()]
         return out
-
 
     def close(self):
         self._sends = []

@@ -74,3 +74,26 @@ def test_destroy_never_enters_nvshmem_after_a_timeout(monkeypatch, fail_at):
     assert buf._sym is None and buf._destroyed
     buf.destroy()                      # a second call does not try again
     assert "nvshmem_free" not in log
+
+
+@pytest.mark.parametrize("error, finalized", [
+    (CommTimeoutError("rank 0: barrier timed out; rank(s) 1 of 2 never arrived", peer=1), False),
+    (MemoryError("out of symmetric heap"), True)])
+def test_failed_allocation_finalizes_only_when_no_rank_is_missing(monkeypatch, error, finalized):
+    """A Buffer's NVSHMEM allocation that fails drops its NVSHMEM reference again, unless a rank
+    never came (the allocation's barriers timed out): then nvshmem_finalize, which waits for
+    every PE with no timeout, would hang, so the reference stays."""
+    from numba_ep import buffer as B
+
+    log = []
+
+    def fail(nbytes):
+        raise error
+
+    monkeypatch.setattr(numba_ep.memory, "nvshmem_init", lambda g, d: log.append("init"))
+    monkeypatch.setattr(numba_ep.memory, "SymmetricBuffer", fail)
+    monkeypatch.setattr(numba_ep.memory, "nvshmem_finalize", lambda: log.append("finalize"))
+    monkeypatch.setattr(numba_ep.memory, "nvshmem_runtime", lambda: object())
+    with pytest.raises(type(error)):
+        B._allocate_symmetric(_Group(log), 0, 1 << 20, allow_mnnvl=False)
+    assert log == (["init", "finalize"] if finalized else ["init"])
