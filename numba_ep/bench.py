@@ -597,6 +597,7 @@ _LL_ROWS = (
     ("host_graph_replay", "host time per graph replay, us"),
     ("host_buffer", "host time per dispatch + combine through Buffer, us"),
     ("host_buffer_full_checks", "  same, argument checks redone every call, us"),
+    ("host_buffer_torch", "  same, torch tensors in and out, us"),
 )
 
 
@@ -615,6 +616,8 @@ def bench_low_latency(ranks=None, num_tokens=128, hidden=7168, num_topk=8, num_e
             "shape": f"T = M = {num_tokens}, H = {hidden}, top-{num_topk} of {num_experts} "
                      "experts"}
     for key, label in _LL_ROWS:
+        if key not in results[0]:   # host_buffer_torch: torch with CUDA only
+            continue
         rows[label] = max(r[key] for r in results)
         if n == 2 and key in DEEPEP_V1_LL_2XH100:
             rows[f"  DeepEP V1 2xH100 {key}, us"] = DEEPEP_V1_LL_2XH100[key]

@@ -25,7 +25,8 @@ the GPU time of one dispatch + combine captured in a CUDA graph and replayed bac
 ``host_graph_replay`` the host's time per replay. ``host_buffer`` is the host time per
 dispatch + combine through ``numba_ep.Buffer`` (what a user's eager step costs), and
 ``host_buffer_full_checks`` the same with the Buffer's remembered argument checks redone on
-every call.
+every call; ``host_buffer_torch`` the Buffer step with torch tensors in and out (when torch with
+CUDA is importable).
 
 DeepEP V1 on 2 x H100 at the default size: dispatch 30-35 us, combine 41-43 us.
 """
@@ -71,6 +72,30 @@ def random_topk(rng, num_tokens, num_topk, num_experts, num_masked=0):
                           replace=False)
         idx.reshape(-1)[flat] = -1
     return idx
+
+
+def _torch_buffer_step(b, stream, x, topk, weights, y, M, E):
+    """A Buffer dispatch + combine with torch tensors over the same device memory, or None
+    without torch on CUDA."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+    except ImportError:
+        return None
+    import cupy
+
+    stream.synchronize()
+    dev = torch.device("cuda", cupy.cuda.Device().id)
+    xt, yt = (torch.as_tensor(a.view(cupy.int16), device=dev).view(torch.bfloat16)
+              for a in (x, y))
+    topk_t, w_t = torch.as_tensor(topk, device=dev), torch.as_tensor(weights, device=dev)
+
+    def step():
+        handle = b.low_latency_dispatch(xt, topk_t, M, E)[2]
+        b.low_latency_combine(yt, topk_t, w_t, handle)
+    return step
 
 
 def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_experts=288,
@@ -215,18 +240,29 @@ def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_expert
                             b._ll_checked.clear()
                         b.low_latency_combine(y, topk, weights, handle)
 
-                    res = {}
-                    for key, forget in (("host_buffer", False), ("host_buffer_full_checks", True)):
+                    def host_time(step):
                         for _ in range(warmup):
-                            step(forget)
+                            step()
                         stream.synchronize()
                         group.barrier()
                         delay.launch(1, 1, iters * 400_000, stream=stream)
                         t0 = time.perf_counter()
                         for _ in range(iters):
-                            step(forget)
-                        res[key] = (time.perf_counter() - t0) / iters * 1e6
+                            step()
+                        t = (time.perf_counter() - t0) / iters * 1e6
                         stream.synchronize()
+                        return t
+
+                    res = {"host_buffer": host_time(lambda: step(False)),
+                           "host_buffer_full_checks": host_time(lambda: step(True))}
+                torch_step = _torch_buffer_step(b, stream, x, topk, weights, y, M, E)
+                if torch_step is not None:
+                    import torch
+
+                    # torch's current stream is the same stream (the delay holds it)
+                    ts = torch.cuda.ExternalStream(stream.ptr, device=cupy.cuda.Device().id)
+                    with torch.cuda.stream(ts):
+                        res["host_buffer_torch"] = host_time(torch_step)
                 return res
             finally:
                 stream.synchronize()

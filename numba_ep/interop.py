@@ -23,10 +23,18 @@ from __future__ import annotations
 import numpy as np
 
 
+_torch_tensor_types = set()   # torch.Tensor and Parameter, learnt as they are seen
+
+
 def is_torch(a) -> bool:
     """True for a ``torch.Tensor`` (without importing torch when it is not loaded)."""
     t = type(a)
-    return t.__module__.startswith("torch") and t.__name__ in ("Tensor", "Parameter")
+    if t in _torch_tensor_types:
+        return True
+    if t.__module__.startswith("torch") and t.__name__ in ("Tensor", "Parameter"):
+        _torch_tensor_types.add(t)
+        return True
+    return False
 
 
 def array_module(a):
@@ -106,6 +114,11 @@ def current_stream_handle(torch_side: bool, device=None) -> int:
     if torch_side:
         import torch
 
+        # torch's own raw getter (what its C++ side and Triton use) costs a tenth of
+        # torch.cuda.current_stream(), which builds a Stream object; hot paths call this.
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        if raw is not None:
+            return int(raw(torch.cuda.current_device() if device is None else int(device)))
         return int(torch.cuda.current_stream(device).cuda_stream)
     import cupy
 

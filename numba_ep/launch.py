@@ -221,10 +221,11 @@ class CompiledKernel:
         self._lock = threading.Lock()
         self._functions = {}   # device id -> CUfunction
         self._max_dyn_shmem = {}
+        self._cooperative = bool(meta.get("cooperative"))
 
     @property
     def cooperative(self) -> bool:
-        return bool(self.meta.get("cooperative"))
+        return self._cooperative
 
     def function(self):
         """The CUfunction of this kernel in the current device's context."""
@@ -255,10 +256,11 @@ class CompiledKernel:
         f = self._functions.get(_current_device_id()) or self.function()
         if shmem > self._max_dyn_shmem.get(id(f), 48 * 1024):
             self._allow_dynamic_shared(f, shmem)
-        gx, gy, gz = _dim3(grid)
-        bx, by, bz = _dim3(block)
-        h = stream_handle(stream)
-        coop = self.cooperative if cooperative is None else cooperative
+        # ints are the common case: each launch here is on the eager path of a step
+        gx, gy, gz = (grid, 1, 1) if type(grid) is int else _dim3(grid)
+        bx, by, bz = (block, 1, 1) if type(block) is int else _dim3(block)
+        h = stream if type(stream) is int else stream_handle(stream)
+        coop = self._cooperative if cooperative is None else cooperative
         with self._lock:
             try:
                 self._struct.pack_into(self._params, 0, *args)
@@ -304,10 +306,16 @@ def _driver():
     return _driver_module
 
 
-def _current_device_id():
-    import cupy
+_get_device = None
 
-    return cupy.cuda.runtime.getDevice()
+
+def _current_device_id():
+    global _get_device
+    if _get_device is None:
+        from cupy.cuda.runtime import getDevice
+
+        _get_device = getDevice
+    return _get_device()
 
 
 try:

@@ -117,7 +117,7 @@ import numpy as np
 import numba_ep  # noqa: F401  (NumPy shim before numba.cuda)
 from numba import cuda, float32, float64, int32, int64, uint16, uint32, uint64
 
-from numba_ep.interop import cupy_c_contiguous, is_cupy
+from numba_ep.interop import cupy_c_contiguous, is_cupy, is_torch
 from numba_ep.kernels import ptx
 from numba_ep.kernels.waits import KERNEL_IDS, record_timeout, timed_out
 
@@ -1367,7 +1367,15 @@ def _addr(a):
         return 0
     if is_cupy(a):
         return a.data.ptr
+    if is_torch(a):   # the Buffer passes torch tensors through (checked=True)
+        return a.data_ptr()
     return int(a.__cuda_array_interface__["data"][0])
+
+
+def _cupy_empty(shape, dtype):
+    import cupy
+
+    return cupy.empty(shape, dtype=dtype)
 
 
 def _check_topk(topk_idx, num_tokens=None):
@@ -1443,7 +1451,7 @@ class _Hook:
 
 def low_latency_dispatch(ctx, x, topk_idx, use_fp8=True, round_scale=False, use_ue8m0=False,
                          cumulative_local_expert_recv_stats=None, return_recv_hook=False,
-                         stream=None, wait_recv_cost_stats=None, checked=False):
+                         stream=None, wait_recv_cost_stats=None, checked=False, empty=None):
     """Send every (token, top-k slot) to its expert's rank; receive the tokens of my experts.
 
     Args:
@@ -1462,10 +1470,14 @@ def low_latency_dispatch(ctx, x, topk_idx, use_fp8=True, round_scale=False, use_
         return_recv_hook: launch only the send phase and return a hook that launches the
             receive phase (call it before the next low-latency call).
         stream: CuPy/torch/cuda.core stream or handle (default: CuPy's current stream).
-        checked: the caller (``Buffer``) has checked every argument already, CuPy arrays
-            only; only the addresses' alignment is checked here.
+        checked: the caller (``Buffer``) has checked every argument already (CuPy arrays or
+            CUDA torch tensors); only the addresses' alignment is checked here.
+        empty: ``empty(shape, dtype)`` allocates each output on the caller's stream, dtype in
+            the CuPy convention below (the Buffer hands torch callers torch tensors this way);
+            default ``cupy.empty`` on CuPy's current stream.
 
-    Returns ``(recv_x, recv_x_scales, recv_count, src_info, layout_range, hook)``, CuPy arrays:
+    Returns ``(recv_x, recv_x_scales, recv_count, src_info, layout_range, hook)``, arrays made
+    by ``empty`` (CuPy arrays by default):
         recv_x ``[L, R*M, H]`` uint8 (e4m3 bytes) or uint16 (bf16 bits); recv_x_scales
         ``[L, R*M, H/128]`` float32 or ``[L, R*M, H/512]`` int32 (UE8M0), a transposed view of
         column-major storage ``[L, S, R*M]``, or None for BF16; recv_count ``[L]`` int32;
@@ -1474,14 +1486,12 @@ def low_latency_dispatch(ctx, x, topk_idx, use_fp8=True, round_scale=False, use_
         Only the first recv_count[i] rows of expert i are written. All are filled once the
         receive phase has run on ``stream``; nothing here waits on the host.
     """
-    import cupy
-
     R, E, H, M, L = (ctx.num_ranks, ctx.num_experts, ctx.hidden,
                      ctx.num_max_dispatch_tokens_per_rank, ctx.num_local_experts)
     stats = cumulative_local_expert_recv_stats
     if checked:
         T, K = x.shape[0], topk_idx.shape[1]
-        _check_aligned("x", x.data.ptr, 16)
+        _check_aligned("x", _addr(x), 16)
     else:
         _check("x", x, (np.uint16, np.int16), ndim=2, align=16)
         T, hx = _shape(x)
@@ -1506,14 +1516,15 @@ def low_latency_dispatch(ctx, x, topk_idx, use_fp8=True, round_scale=False, use_
     ctx.check()
     RM = R * M
     S = H // 128
-    recv_x = cupy.empty((L, RM, H), dtype=cupy.uint8 if use_fp8 else cupy.uint16)
+    empty = _cupy_empty if empty is None else empty
+    recv_x = empty((L, RM, H), np.uint8 if use_fp8 else np.uint16)
     scales = None
     if use_fp8:
-        scales = cupy.empty((L, S // 4, RM) if use_ue8m0 else (L, S, RM),
-                            dtype=cupy.int32 if use_ue8m0 else cupy.float32)
-    recv_count = cupy.empty((L,), dtype=cupy.int32)
-    src_info = cupy.empty((L, RM), dtype=cupy.int32)
-    layout_range = cupy.empty((L, R), dtype=cupy.int64)
+        scales = empty((L, S // 4, RM) if use_ue8m0 else (L, S, RM),
+                       np.int32 if use_ue8m0 else np.float32)
+    recv_count = empty((L,), np.int32)
+    src_info = empty((L, RM), np.int32)
+    layout_range = empty((L, R), np.int64)
 
     h = ctx.buffer_idx
     ctx.buffer_idx ^= 1
@@ -1534,7 +1545,7 @@ def low_latency_dispatch(ctx, x, topk_idx, use_fp8=True, round_scale=False, use_
         hook = _Hook(launch_recv, stream, "low_latency_dispatch")
     else:
         launch_recv(stream)
-    scales_view = None if scales is None else scales.transpose(0, 2, 1)
+    scales_view = None if scales is None else scales.swapaxes(1, 2)
     return recv_x, scales_view, recv_count, src_info, layout_range, hook
 
 
@@ -1559,7 +1570,7 @@ def next_combine_buffer(ctx):
 
 def low_latency_combine(ctx, x, topk_idx, topk_weights, src_info, layout_range, use_logfmt=False,
                         zero_copy=False, out=None, return_recv_hook=False, stream=None,
-                        wait_recv_cost_stats=None, checked=False):
+                        wait_recv_cost_stats=None, checked=False, empty=None):
     """Send my experts' outputs back to the tokens' ranks; take each token's weighted sum.
 
     Args:
@@ -1578,24 +1589,22 @@ def low_latency_combine(ctx, x, topk_idx, topk_weights, src_info, layout_range, 
         wait_recv_cost_stats: optional int64 ``[R]``: entry r grows by the nanoseconds the
             receive phase waited for rank r's rows (DeepEP's combine_wait_recv_cost_stats,
             in clock cycles there).
-        checked: as in low_latency_dispatch.
+        checked, empty: as in low_latency_dispatch.
 
     Returns ``(out [T, H] bf16 bits, hook or None)``:
     ``out[t] = bf16(sum over k with topk_idx[t, k] >= 0 of topk_weights[t, k] * y[t, k])`` where
     ``y[t, k]`` is the output row of expert ``topk_idx[t, k]`` for token t, summed in float32
     (k ascending). A token listing the same expert twice gets one of the two rows twice.
     """
-    import cupy
-
     R, E, H, M, L = (ctx.num_ranks, ctx.num_experts, ctx.hidden,
                      ctx.num_max_dispatch_tokens_per_rank, ctx.num_local_experts)
     RM = R * M
     use_logfmt, zero_copy = bool(use_logfmt), bool(zero_copy)
     if checked:
         T, K = topk_idx.shape
-        _check_aligned("x", x.data.ptr, 2 if zero_copy else 16)
+        _check_aligned("x", _addr(x), 2 if zero_copy else 16)
         if out is not None:
-            _check_aligned("out", out.data.ptr, 16)
+            _check_aligned("out", _addr(out), 16)
     else:
         if use_logfmt and zero_copy:
             raise ValueError("use_logfmt=True cannot be combined with zero_copy=True")
@@ -1620,7 +1629,7 @@ def low_latency_combine(ctx, x, topk_idx, topk_weights, src_info, layout_range, 
     ctx._prepare()
     ctx.check()
     if out is None:
-        out = cupy.empty((T, H), dtype=cupy.uint16)
+        out = (_cupy_empty if empty is None else empty)((T, H), np.uint16)
     h = ctx.buffer_idx
     ctx.buffer_idx ^= 1
     send_off, recv_off, sig_off, other_sig_off = ctx.offsets(h)

@@ -16,7 +16,8 @@ One Buffer per rank with both an NVLink buffer and an NVSHMEM buffer
    replay checked (dispatch exact, combine vs x * sum of the weights);
 4. a call with a new shape but no clean: ValueError on every rank, nothing launched;
 5. torch tensors in and out (if torch with CUDA is importable): FP8 dispatch, zero-copy combine
-   into a torch ``out``;
+   into a torch ``out``; then, on a side torch stream, a BF16 dispatch through its receive hook
+   and a combine that makes its own output, with ``async_finish``;
 6. (``with_timeout``, EP2) rank 1 sits out one dispatch: rank 0 gets CommTimeoutError naming
    rank 1, then RuntimeError (the Buffer is unusable); both ranks still destroy it.
 
@@ -69,6 +70,8 @@ def kernel_specs(nranks):
         if name == "D":   # the torch round
             lists += ll.dispatch_kernels(ctx, s["K"], True, False, False)
             lists += ll.combine_kernels(ctx, s["K"], False, True)
+            lists += ll.dispatch_kernels(ctx, s["K"], False, False, False)
+            lists += ll.combine_kernels(ctx, s["K"], False, False)
     return lists
 
 
@@ -235,7 +238,8 @@ def _torch():
 
 
 def torch_round(buf, group, seed=77, name="D"):
-    """FP8 dispatch with torch tensors in and out, zero-copy combine into a torch ``out``."""
+    """FP8 dispatch with torch tensors in and out, zero-copy combine into a torch ``out``; then
+    BF16 through a receive hook and a combine making its own output, on a side torch stream."""
     import cupy
 
     from numba_ep import reference as ref
@@ -282,7 +286,34 @@ def torch_round(buf, group, seed=77, name="D"):
                                                 got["layout_range"]), topks, w, M, E, R)
     diff = ref.calc_diff(got_f, want_out.astype(np.float32))
     assert diff < 1e-5, f"torch combine vs reference calc_diff {diff}"
-    return {"combine_diff": diff}
+
+    # The outputs are torch's own allocations on the caller's current stream (a side stream
+    # here), and the kernels run there: everything is complete once that stream is.
+    side = torch.cuda.Stream(device=dev)
+    group.barrier()
+    with torch.cuda.stream(side):
+        recv_b, count_b, handle_b, _, hook = buf.low_latency_dispatch(
+            x_t, topk_t, M, E, use_fp8=False, return_recv_hook=True)
+        hook()
+        combined_b, event, _ = buf.low_latency_combine(recv_b, topk_t, w_t, handle_b,
+                                                       async_finish=True)
+    assert recv_b.dtype == torch.bfloat16 and tuple(recv_b.shape) == (L, R * M, H)
+    assert combined_b.dtype == torch.bfloat16 and tuple(combined_b.shape) == (M - 5, H)
+    assert count_b.dtype == torch.int32 and handle_b[1].dtype == torch.int64
+    event.current_stream_wait()
+    side.synchronize()
+    got_b, _, _ = W.fetch_dispatch((cupy.from_dlpack(recv_b.view(torch.int16)).view(cupy.uint16),
+                                    None, cupy.from_dlpack(count_b),
+                                    cupy.from_dlpack(handle_b[0]), cupy.from_dlpack(handle_b[1]),
+                                    None))
+    ref.check_low_latency_dispatch(got_b, ref.low_latency_dispatch(
+        [W._bf16(b) for b in xs], topks, M, E, use_fp8=False)[rank])
+    got_bf = W._bf16(combined_b.view(torch.int16).cpu().numpy().view(np.uint16))
+    wsum = np.where(topk >= 0, w, 0).astype(np.float64).sum(axis=1, keepdims=True)
+    diff_b = ref.calc_diff(got_bf.astype(np.float64), W._bf16(bits).astype(np.float64) * wsum)
+    assert diff_b < 1e-5, f"torch BF16 combine vs x * sum of weights: calc_diff {diff_b}"
+    group.barrier()
+    return {"combine_diff": diff, "bf16_combine_diff": diff_b}
 
 
 def graph_round(buf, group, stream, name="D", replays=3):
