@@ -76,8 +76,12 @@ over the group and allocates it, and ``destroy()`` frees it and finalises NVSHME
     combined_x, _, _ = buf.low_latency_combine(y, topk_idx, topk_weights, handle)
 
 The kernels are ``numba_ep.kernels.low_latency`` (its docstring has the algorithm and the rules
-of use); the Buffer validates every argument first, converts CuPy/torch arrays in and out as
-above, and keeps one ``LowLatencyContext`` per (M, H, E) shape over its NVSHMEM buffer.
+of use); the Buffer validates every argument first (once per set of shapes, dtypes and options,
+then remembered) and keeps one ``LowLatencyContext`` per (M, H, E) shape over its NVSHMEM
+buffer. Unlike the other calls, it converts nothing: the kernels take CuPy arrays and torch
+tensors as they are, and the outputs are made in the caller's kind on the caller's current
+stream (torch tensors from torch's caching allocator, FP8 as ``torch.float8_e4m3fn``; CuPy
+arrays from CuPy's pool), so an eager step costs little more host time than the kernel layer's.
 
 - Streams: DeepEP's low-latency semantics: the kernels run on the caller's current stream
   (torch's or CuPy's, as for the other calls), not the communication stream; nothing waits on
