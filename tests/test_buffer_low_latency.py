@@ -626,3 +626,32 @@ def test_checks_remembered_per_key_still_refuse_what_differs(monkeypatch):
                                                           return_recv_hook=True), "hook")
     hook()
     buf.low_latency_dispatch(x, topk, M, E, use_fp8=False, return_recv_hook=True)[4]()
+
+
+def test_gpu_allocators_make_outputs_in_the_callers_dtypes(monkeypatch):
+    """On a GPU the low-latency kernels make their outputs through the Buffer's allocator:
+    torch callers get torch dtypes (FP8 as float8_e4m3fn, BF16 as bfloat16) on the Buffer's
+    device, CuPy callers their BF16 carrier; the kernels read torch tensors' addresses."""
+    torch = pytest.importorskip("torch")
+    import cupy
+
+    from numba_ep.buffer import _cupy_empty, _torch_empty
+
+    made = []
+    monkeypatch.setattr(torch, "empty", lambda shape, dtype, device: made.append(
+        (shape, dtype, device)))
+    empty = _torch_empty(3)
+    for dt in (np.uint8, np.uint16, np.int32, np.int64, np.float32):
+        empty((2, 5), dt)
+    assert [m[1] for m in made] == [torch.float8_e4m3fn, torch.bfloat16, torch.int32,
+                                    torch.int64, torch.float32]
+    assert all(m[0] == (2, 5) and m[2] == torch.device("cuda", 3) for m in made)
+    made.clear()
+    monkeypatch.setattr(cupy, "empty", lambda shape, dtype: made.append((shape, dtype)))
+    empty = _cupy_empty(np.dtype(np.uint16))
+    empty((4,), np.uint16)
+    empty((4,), np.uint8)
+    empty((4,), np.int32)
+    assert made == [((4,), np.dtype(np.uint16)), ((4,), np.uint8), ((4,), np.int32)]
+    t = torch.zeros(6, dtype=torch.int32)[2:]
+    assert ll._addr(t) == t.data_ptr() and ll._addr(None) == 0

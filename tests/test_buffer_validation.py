@@ -789,3 +789,42 @@ def test_gpus_per_node_resolution(monkeypatch):
            "NUMBA_EP_GPUS_PER_NODE", "divisor of the rank count 4", "'3'")
     monkeypatch.delenv("NUMBA_EP_GPUS_PER_NODE")
     assert Buffer.get_num_gpus_per_node() == 1   # no group: this process alone
+
+
+def test_device_guard_switches_only_when_needed_and_restores(monkeypatch):
+    """Buffer._guard (every GPU call runs inside it): the Buffer's device is made current only
+    when another one is, the caller's comes back afterwards, also after an error, and a
+    CommTimeoutError inside makes the Buffer unusable."""
+    from cupy.cuda import runtime
+
+    from numba_ep.errors import CommTimeoutError
+
+    current, calls = [0], []
+    monkeypatch.setattr(runtime, "getDevice", lambda: current[0])
+
+    def set_device(d):
+        calls.append(d)
+        current[0] = d
+    monkeypatch.setattr(runtime, "setDevice", set_device)
+    buf = Buffer._host_mode(SimpleNamespace(rank=0, size=2))
+    buf._host, buf.device = False, 1        # as a GPU Buffer on device 1
+    try:
+        with buf._guard():
+            assert current[0] == 1
+        assert calls == [1, 0] and current[0] == 0
+        calls.clear()
+        current[0] = 1
+        with buf._guard():
+            pass
+        assert calls == []                  # already current: no switch
+        current[0] = 0
+        with pytest.raises(ValueError):
+            with buf._guard():
+                raise ValueError("not a timeout")
+        assert current[0] == 0 and buf._broken is None
+        with pytest.raises(CommTimeoutError):
+            with buf._guard():
+                raise CommTimeoutError("rank 1 did not arrive")
+        assert current[0] == 0 and "rank 1 did not arrive" in buf._broken
+    finally:
+        buf._host = True                    # nothing of a GPU Buffer to release
