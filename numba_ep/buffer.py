@@ -706,7 +706,7 @@ class Buffer:
         #: NVSHMEM bytes each low-latency shape (M, hidden, num_experts) needs, once computed
         self._ll_need = {}
         self._ll_checked = {}   # call key -> _LowLatencyPlan (see _ll_checked_plan)
-        self._ll_kw = {}        # (torch caller, BF16 dtype) -> kernel-layer keywords
+        self._ll_kw = {}        # torch caller? -> kernel-layer keywords (_ll_gpu_call)
         #: the InternodeContext over the NVSHMEM buffer, created on first internode use
         self._ictx = None
 
@@ -1833,7 +1833,7 @@ class Buffer:
                 stats = device_view(stats, "cumulative_local_expert_recv_stats")
                 wait = device_view(wait, "dispatch_wait_recv_cost_stats")
             else:
-                stream, kw = self._ll_gpu_call(p.torch_out, x)
+                stream, kw = self._ll_gpu_call(p.torch_out)
                 xv, topk = x, topk_idx
             recv_x, scales, count, src, lr, ll_hook = ll.low_latency_dispatch(
                 ctx, xv, topk, use_fp8=p.use_fp8, round_scale=p.round_scale,
@@ -1905,7 +1905,7 @@ class Buffer:
                 w = device_view(topk_weights, "topk_weights")
                 wait = device_view(wait, "combine_wait_recv_cost_stats")
             else:
-                stream, kw = self._ll_gpu_call(p.torch_out, x)
+                stream, kw = self._ll_gpu_call(p.torch_out)
                 xv, topk, w, out_v = x, topk_idx, topk_weights, out
             res, ll_hook = ll.low_latency_combine(
                 ctx, xv, topk, w, src, lr, use_logfmt=p.use_logfmt, zero_copy=p.zero_copy,
@@ -1957,20 +1957,21 @@ class Buffer:
 
     # ----------------------------------------------------------------- low latency: checks
 
-    def _ll_gpu_call(self, torch_side, x):
+    def _ll_gpu_call(self, torch_side):
         """``(stream handle, kernel-layer keywords)`` of a low-latency call on a GPU.
 
         The kernels run on the caller's current stream (torch's for torch callers, else
         CuPy's). They take the caller's arrays as they are, CuPy arrays or torch tensors, since
-        they only read shapes and addresses (``checked``: this Buffer has checked the rest),
-        and ``empty`` makes their outputs in the caller's kind on that stream, BF16 in x's
-        dtype. A DLPack conversion or CuPy view per array instead made a torch caller's step
-        cost 3.7 times a CuPy caller's host time."""
-        key = (torch_side, x.dtype)
-        kw = self._ll_kw.get(key)
+        they only read shapes and addresses (``checked``: this Buffer has checked the rest).
+        Their outputs are CuPy arrays on that stream by default (CuPy callers' BF16 is uint16
+        already); for torch callers ``empty`` makes torch tensors instead. A DLPack conversion
+        or CuPy view per array made a torch caller's step cost 3.7 times a CuPy caller's host
+        time."""
+        kw = self._ll_kw.get(torch_side)
         if kw is None:
-            empty = (_torch_empty(self.device) if torch_side else _cupy_empty(x.dtype))
-            kw = self._ll_kw[key] = {"checked": True, "empty": empty}
+            kw = self._ll_kw[torch_side] = (
+                {"checked": True, "empty": _torch_empty(self.device)} if torch_side
+                else {"checked": True})
         return current_stream_handle(torch_side, self.device), kw
 
     def _ll_prologue(self, what, validate, args):
@@ -2320,18 +2321,6 @@ class _DeviceGuard:
         if exc_type is not None and issubclass(exc_type, CommTimeoutError):
             self._buf._broken = f"CommTimeoutError: {exc}"
         return False
-
-
-def _cupy_empty(bf16_dtype):
-    """The low-latency kernels' output allocator for CuPy callers: CuPy arrays on CuPy's
-    current stream, BF16 (uint16 in the kernels' convention) as ``bf16_dtype``."""
-    import cupy
-
-    dtypes = {np.uint16: bf16_dtype}
-
-    def empty(shape, dtype):
-        return cupy.empty(shape, dtype=dtypes.get(dtype, dtype))
-    return empty
 
 
 def _torch_empty(device):

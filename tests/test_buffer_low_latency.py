@@ -628,14 +628,14 @@ def test_checks_remembered_per_key_still_refuse_what_differs(monkeypatch):
     buf.low_latency_dispatch(x, topk, M, E, use_fp8=False, return_recv_hook=True)[4]()
 
 
-def test_gpu_allocators_make_outputs_in_the_callers_dtypes(monkeypatch):
-    """On a GPU the low-latency kernels make their outputs through the Buffer's allocator:
-    torch callers get torch dtypes (FP8 as float8_e4m3fn, BF16 as bfloat16) on the Buffer's
-    device, CuPy callers their BF16 carrier; the kernels read torch tensors' addresses."""
+def test_gpu_calls_make_outputs_in_the_callers_kind(monkeypatch):
+    """On a GPU the low-latency kernels make their outputs through the Buffer's allocator for
+    torch callers: torch dtypes (FP8 as float8_e4m3fn, BF16 as bfloat16) on the Buffer's
+    device; CuPy callers keep the kernels' CuPy default (their BF16 is uint16 already). The
+    kernels read torch tensors' addresses; the stream is the caller's current one."""
     torch = pytest.importorskip("torch")
-    import cupy
-
-    from numba_ep.buffer import _cupy_empty, _torch_empty
+    import numba_ep.buffer as buffer_mod
+    from numba_ep.buffer import _torch_empty
 
     made = []
     monkeypatch.setattr(torch, "empty", lambda shape, dtype, device: made.append(
@@ -646,12 +646,18 @@ def test_gpu_allocators_make_outputs_in_the_callers_dtypes(monkeypatch):
     assert [m[1] for m in made] == [torch.float8_e4m3fn, torch.bfloat16, torch.int32,
                                     torch.int64, torch.float32]
     assert all(m[0] == (2, 5) and m[2] == torch.device("cuda", 3) for m in made)
+
+    monkeypatch.setattr(buffer_mod, "current_stream_handle",
+                        lambda torch_side, device: 1000 + torch_side)
+    buf = ll_buffer()
+    buf.device = 3
+    stream, kw = buf._ll_gpu_call(False)
+    assert stream == 1000 and kw == {"checked": True}
+    stream, kw = buf._ll_gpu_call(True)
+    assert stream == 1001 and kw["checked"] is True
     made.clear()
-    monkeypatch.setattr(cupy, "empty", lambda shape, dtype: made.append((shape, dtype)))
-    empty = _cupy_empty(np.dtype(np.uint16))
-    empty((4,), np.uint16)
-    empty((4,), np.uint8)
-    empty((4,), np.int32)
-    assert made == [((4,), np.dtype(np.uint16)), ((4,), np.uint8), ((4,), np.int32)]
+    kw["empty"]((4,), np.uint8)
+    assert made == [((4,), torch.float8_e4m3fn, torch.device("cuda", 3))]
+    assert buf._ll_gpu_call(True)[1] is kw            # built once per Buffer
     t = torch.zeros(6, dtype=torch.int32)[2:]
     assert ll._addr(t) == t.data_ptr() and ll._addr(None) == 0
