@@ -19,6 +19,9 @@ DeepEP's hook numbers do. Also ``dispatch_GBps`` and ``combine_GBps``: DeepEP's 
 bandwidth (bytes of every valid (token, slot) message, FP8: H + H/128*4 + 16; BF16 combine: 2H)
 over the median time.
 
+Without hooks each call is one launch (send and receive phases in one cooperative kernel); the
+``split_*`` keys time the same calls as two launches each (``LowLatencyContext.fuse = False``).
+
 Host cost: ``host_dispatch+combine`` is the host's wall time per dispatch + combine while it
 enqueues them behind the delay kernel (no events in that loop); ``graph_dispatch+combine`` is
 the GPU time of one dispatch + combine captured in a CUDA graph and replayed back to back, and
@@ -274,6 +277,13 @@ def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_expert
         out["combine"] = med(3, 4)
         out["dispatch+combine"] = med(0, 4)
         out["host_dispatch+combine"] = host_us()
+        ctx.fuse = False    # the same calls with each phase its own launch (as hooks run)
+        med = timed_run(False)
+        out["split_dispatch"] = med(0, 1)
+        out["split_combine"] = med(3, 4)
+        out["split_dispatch+combine"] = med(0, 4)
+        out["split_host_dispatch+combine"] = host_us()
+        ctx.fuse = True
         out["graph_dispatch+combine"], out["host_graph_replay"] = graph_us()
         out.update(buffer_host_us())
         med = timed_run(True)

@@ -222,6 +222,7 @@ class CompiledKernel:
         self._functions = {}   # device id -> CUfunction
         self._max_dyn_shmem = {}
         self._cooperative = bool(meta.get("cooperative"))
+        self._resident = {}    # (device, block, shmem) -> max_resident_blocks
 
     @property
     def cooperative(self) -> bool:
@@ -239,6 +240,28 @@ class CompiledKernel:
             _check(err, f"{self.name}: cuKernelGetFunction")
             self._functions[dev] = f
         return f
+
+    def max_resident_blocks(self, block, shmem=0):
+        """How many blocks of ``block`` threads (and ``shmem`` bytes of dynamic shared memory)
+        the current device holds at once over all its SMs: the largest grid a cooperative
+        launch of this kernel accepts. Cached per device."""
+        dev = _current_device_id()
+        key = (dev, int(block), int(shmem))
+        n = self._resident.get(key)
+        if n is None:
+            driver = _driver()
+            f = self._functions.get(dev) or self.function()
+            err, per_sm = driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(f, int(block),
+                                                                             int(shmem))
+            _check(err, f"{self.name}: occupancy of {block}-thread blocks")
+            err, sms = driver.cuDeviceGetAttribute(
+                driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev)
+            _check(err, "multiprocessor count")
+            if per_sm < 1:
+                raise RuntimeError(f"{self.name}: a block of {block} threads does not fit on an "
+                                   f"SM (registers or shared memory)")
+            n = self._resident[key] = int(per_sm) * int(sms)
+        return n
 
     def _allow_dynamic_shared(self, f, nbytes):
         from cuda.bindings import driver

@@ -69,8 +69,10 @@ def build(spec):
     from numba_ep.launch import parse_signature
 
     factory, sig, constants = spec
+    constants = dict(constants)
+    bounds = constants.pop("launch_bounds", None)
     text, _ = cuda.compile(factory(**constants), parse_signature(sig), device=False, cc=CC,
-                           output="ptx", abi="numba")
+                           output="ptx", abi="numba", launch_bounds=bounds)
     linker = Linker(ObjectCode.from_ptx(text.encode()),
                     options=LinkerOptions(arch="sm_90", verbose=True))
     cubin = bytes(linker.link("cubin").code)
@@ -169,6 +171,54 @@ def test_combine_recv_logfmt_unaligned(sm90):
     _, recv = ll.combine_kernels(fake_ctx(R=2, M=32, H=640, E=12), 16, use_logfmt=True)
     text, _ = build(recv)
     assert_has(text, I["ex2_approx"], I["ld_acquire_sys_i32"])
+
+
+@pytest.mark.parametrize("kind, options", [
+    ("dispatch", dict(use_fp8=True, round_scale=True, use_ue8m0=True)),
+    ("dispatch", dict(use_fp8=False)),
+    ("combine", dict()),
+    ("combine", dict(use_logfmt=True)),
+    ("combine", dict(zero_copy=True)),
+])
+def test_one_launch_kernels(sm90, kind, options):
+    """Send and receive in one kernel: both phases' instructions are there (the publish after
+    the ticket, the bounded acquire waits, 16-byte copies), a 512-thread block fits (build checks
+    registers and spills; the launch bound is in the PTX), and the arguments are the send
+    kernel's followed by the receive kernel's."""
+    specs = (ll.dispatch_kernels if kind == "dispatch" else ll.combine_kernels)(
+        fake_ctx(), 8, **options)
+    fused = ll.fused_kernel(specs)
+    assert fused is not None
+    factory, sig, constants = fused
+    assert constants["launch_bounds"] == ll.THREADS
+    assert sig == specs[0][1][:-1] + ", " + specs[1][1][len("void("):]
+    text, _ = build(fused)
+    assert_has(text, I["atomic_add_gpu_i32"], I["fence_acq_rel_sys"], I["st_relaxed_sys_i32"],
+               I["ld_acquire_sys_i32"], I["globaltimer"], ".maxntid 512")
+    if kind == "dispatch":
+        assert_has(text, I["ld_nc_v4"])   # the token rows, read once
+    elif not options.get("use_logfmt"):   # LogFMT's receive reads 32-bit code words instead
+        assert_has(text, I["ld_v4"])      # the received rows, K in flight
+    assert not uses_local_memory(text)
+    assert ll.with_fused(specs) == list(specs) + [fused]
+    # the estimate that decides fusion is what the kernel declares
+    declared = sum(int(n) for n in re.findall(r"\.shared \.align \d+ \.b8 \S+\[(\d+)\]", text))
+    assert declared == sum(ll._static_shared_bytes(f, c) for f, _, c in specs)
+
+
+def test_one_launch_is_skipped_when_shared_arrays_would_not_fit():
+    """At H = 16384 with top-16 LogFMT and 4096 local experts the two combine phases declare
+    ~57 KB of static shared memory together (the cap is 48 KB): two launches stay."""
+    ctx = fake_ctx(R=2, M=8, H=16384, E=8192)
+    specs = ll.combine_kernels(ctx, 16, use_logfmt=True)
+    total = sum(ll._static_shared_bytes(f, c) for f, _, c in specs)
+    assert total > 48 * 1024
+    assert ll.fused_kernel(specs) is None
+    assert ll.with_fused(specs) == list(specs)
+    # the same call without LogFMT needs ~17 KB: one launch
+    assert ll.fused_kernel(ll.combine_kernels(ctx, 16)) is not None
+    # dispatch keeps only a few words per rank in shared memory
+    assert ll.fused_kernel(ll.dispatch_kernels(ctx, 16)) is not None
 
 
 def test_clean(sm90):
@@ -460,3 +510,78 @@ def test_transport_nvshmem_treats_every_other_rank_as_remote(monkeypatch):
     monkeypatch.setenv("NUMBA_EP_LL_TRANSPORT", "rdma")
     with pytest.raises(ValueError, match="transport: expected 'auto' or 'nvshmem'"):
         fake_ctx(R=2)
+
+
+class _RecordingKernel:
+    """Stands in for a CompiledKernel: records launches; holds 2 blocks an SM on 132 SMs."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def max_resident_blocks(self, block):
+        return 2 * 132
+
+    def launch(self, grid, block, *args, stream=None, cooperative=None):
+        self.log.append((self.name, grid, block, args, bool(cooperative)))
+
+
+def _launch_log(monkeypatch, fuse, hook, call, T=4, **ctx_kw):
+    """The launches one dispatch or combine makes, with kernels and device state faked."""
+    ctx = fake_ctx(fuse=fuse, num_sms=132, **ctx_kw)
+    ctx._ready, ctx.bufs = True, 1 << 12
+    ctx.errors = SimpleNamespace(device_address=1 << 13, check=lambda: None)
+    ctx.workspace, ctx._log2 = FakeArray((289,), np.int32, ptr=1 << 14), FakeArray(
+        (128,), np.float64, ptr=1 << 15)
+    log = []
+    ks = SimpleNamespace(send=_RecordingKernel("send", log), recv=_RecordingKernel("recv", log),
+                         fused=_RecordingKernel("fused", log))
+    monkeypatch.setattr(ll, "_kernels_for", lambda *a: ks)
+    empty = lambda shape, dtype: FakeArray(shape, dtype, ptr=1 << 16)  # noqa: E731
+    if call == "dispatch":
+        res = ll.low_latency_dispatch(ctx, FakeArray((T, 7168), np.uint16),
+                                      FakeArray((T, 8), np.int64), use_fp8=False,
+                                      return_recv_hook=hook, stream=7, empty=empty)
+    else:
+        kw = _combine_args(ctx, T)
+        res = ll.low_latency_combine(ctx, **kw, return_recv_hook=hook, stream=7, empty=empty)
+    return log, res[-1]
+
+
+@pytest.mark.parametrize("call", ["dispatch", "combine"])
+def test_calls_without_a_hook_are_one_cooperative_launch(monkeypatch, call):
+    """fuse (the default): one cooperative launch whose arguments are the send kernel's then the
+    receive kernel's, on a grid that covers both phases and fits the device; fuse=False and
+    hook mode: the two phase kernels, the second only when the hook is called."""
+    (fused,), hook = _launch_log(monkeypatch, True, False, call)
+    split, _ = _launch_log(monkeypatch, False, False, call)
+    assert hook is None
+    assert [n for n, *_ in split] == ["send", "recv"]
+    assert fused[0] == "fused" and fused[4] is True and fused[2] == ll.THREADS
+    assert fused[3] == split[0][3] + split[1][3]
+    assert not split[0][4] and not split[1][4]
+    # the receive grid of a dispatch is one block per local expert (144), of a combine one per
+    # token (4), the send grid one per token (4) or one per SM (132): the larger one
+    assert fused[1] == max(split[0][1], split[1][1]) == (144 if call == "dispatch" else 132)
+    hooked, hook = _launch_log(monkeypatch, True, True, call)
+    assert [n for n, *_ in hooked] == ["send"]
+    hook()
+    assert [n for n, *_ in hooked] == ["send", "recv"] and hooked[1][3] == split[1][3]
+
+
+def test_one_launch_grid_is_capped_at_what_the_device_holds(monkeypatch):
+    """4096 experts on 2 ranks: 2048 receiving blocks would not all be resident (2 x 132 fit),
+    so the grid is 264 and each block takes several experts (the loops are grid-strided)."""
+    (fused,), _ = _launch_log(monkeypatch, True, False, "dispatch", E=4096)
+    assert fused[1] == 264
+
+
+def test_fuse_option_and_environment(monkeypatch):
+    assert fake_ctx().fuse is True
+    assert fake_ctx(fuse=False).fuse is False
+    monkeypatch.setenv("NUMBA_EP_LL_FUSE", "0")
+    assert fake_ctx().fuse is False and fake_ctx(fuse=True).fuse is True
+    monkeypatch.setenv("NUMBA_EP_LL_FUSE", "yes")
+    with pytest.raises(ValueError, match="NUMBA_EP_LL_FUSE: expected 0 or 1"):
+        fake_ctx()
+    with pytest.raises(TypeError, match="fuse: expected a bool"):
+        fake_ctx(fuse=1)

@@ -70,14 +70,15 @@ Consequences (the rules of use):
   - more than M (token, slot) hits on one expert from one rank (possible only with repeats) are
     dropped and counted as M.
 
-Send and receive are two launches, always (``return_recv_hook=False`` launches both back to
-back). Costs and reasons: one more kernel boundary, about 1-3 us of GPU time when the host keeps
-ahead, and one more launch on the host (~5 us, or ~1 us inside a CUDA graph). In exchange the
-hook and no-hook modes run the same code, the send kernel never spins (so it needs no
-co-residency, no cooperative launch, no cudadevrt link for a grid sync), and a hook can be called
-whenever the caller likes. The alternative (one cooperative launch with a grid-wide sync between
-the phases, DeepEP's default) saves the boundary but forces every block to be resident and keeps
-the SMs busy while waiting for peers.
+Launches: with ``return_recv_hook=True`` the send and receive phases are two kernels (the hook
+launches the second whenever the caller likes; the send kernel never spins, so it needs no
+co-residency). Without a hook both phases run in one cooperative kernel (``make_dispatch`` /
+``make_combine``: a block's send share, then its receive share): one launch fewer on the host
+(~5 us of an eager call) and no kernel boundary on the GPU, at the price of every block being
+resident while it waits for peers (the grid is sized from the kernel's occupancy).
+``LowLatencyContext(fuse=False)`` keeps two launches there too. DeepEP does the same, with a
+grid-wide barrier between the phases; none is needed here, because the publish/acquire pairs
+below already order the phases across blocks and ranks.
 
 Synchronisation inside a send kernel without waiting: every block, after its stores, fences
 and takes a ticket (an atomic on the workspace); the block that draws the last ticket knows all
@@ -129,6 +130,8 @@ __all__ = [
     "next_combine_buffer",
     "dispatch_kernels",
     "combine_kernels",
+    "fused_kernel",
+    "with_fused",
     "MAX_TOPK",
 ]
 
@@ -1082,6 +1085,118 @@ def make_combine_recv(num_ranks, num_experts, hidden, num_topk, max_tokens, use_
 
 
 # ---------------------------------------------------------------------------------------------
+# One launch per call: send and receive phases in one cooperative kernel
+# ---------------------------------------------------------------------------------------------
+#
+# Without a hook the two phases of a call need not be two launches: one kernel runs a block's
+# share of the send phase, then its share of the receive phase (both are grid-stride loops, so
+# any grid size works for each). What the boundary between two launches gave for free must then
+# come from the launch: a receiving block spins until the LAST send block of every peer (this
+# rank included) has published its counts or flags, so every block of the grid must be resident
+# at once, or a spinning block could hold the SM a not-yet-started send block needs. A
+# cooperative launch guarantees that (the driver refuses a grid that does not fit), and the host
+# sizes the grid from the kernel's occupancy. No grid-wide barrier is needed between the phases:
+# the publish -> acquire pairs of the two-launch design already order them.
+#
+# Saved: one launch on the host (~4-6 us of the eager step) and one kernel boundary on the GPU.
+# The phases' static shared arrays add up in one kernel (numba cannot alias them), so a call
+# whose two phases need more than FUSED_SHARED_LIMIT bytes keeps two launches.
+#
+# Arguments: the send kernel's, then the receive kernel's (the shared scalars, rank and offsets,
+# appear twice), so the host builds each list once for either mode.
+
+FUSED_SHARED_LIMIT = 40 * 1024   # static shared memory is capped at 48 KB a block
+
+DISPATCH_SIG = DISPATCH_SEND_SIG[:-1] + ", " + DISPATCH_RECV_SIG[len("void("):]
+COMBINE_SIG = COMBINE_SEND_SIG[:-1] + ", " + COMBINE_RECV_SIG[len("void("):]
+
+
+def make_dispatch(num_ranks, num_experts, hidden, num_topk, max_tokens, use_fp8, round_scale,
+                  use_ue8m0, vec16, use_nvshmem):
+    """Dispatch in one launch: ``make_dispatch_send``'s arguments, then
+    ``make_dispatch_recv``'s."""
+    send = cuda.jit(device=True, inline=True)(make_dispatch_send(
+        num_ranks, num_experts, hidden, num_topk, max_tokens, use_fp8, round_scale, vec16,
+        use_nvshmem))
+    recv = cuda.jit(device=True, inline=True)(make_dispatch_recv(
+        num_ranks, num_experts, hidden, max_tokens, use_fp8, use_ue8m0, vec16))
+
+    def dispatch(x_addr, topk_addr, num_tokens, rank, bufs_addr, base, send_off, recv_off,
+                 sig_off, other_sig_off, ws_addr, r_rank, r_base, r_recv_off, r_sig_off, out_x,
+                 out_scales, out_src, out_layout, out_count, stats_addr, wait_addr, timeout_ns,
+                 err_addr):
+        send(x_addr, topk_addr, num_tokens, rank, bufs_addr, base, send_off, recv_off, sig_off,
+             other_sig_off, ws_addr)
+        cuda.syncthreads()
+        recv(r_rank, r_base, r_recv_off, r_sig_off, out_x, out_scales, out_src, out_layout,
+             out_count, stats_addr, wait_addr, timeout_ns, err_addr)
+
+    return dispatch
+
+
+def make_combine(num_ranks, num_experts, hidden, num_topk, max_tokens, use_logfmt, zero_copy,
+                 vec16, use_nvshmem):
+    """Combine in one launch: ``make_combine_send``'s arguments, then
+    ``make_combine_recv``'s."""
+    send = cuda.jit(device=True, inline=True)(make_combine_send(
+        num_ranks, num_experts, hidden, max_tokens, use_logfmt, zero_copy, vec16, use_nvshmem))
+    recv = cuda.jit(device=True, inline=True)(make_combine_recv(
+        num_ranks, num_experts, hidden, num_topk, max_tokens, use_logfmt, vec16))
+
+    def combine(x_addr, src_addr, layout_addr, rank, bufs_addr, base, send_off, recv_off, sig_off,
+                other_sig_off, ws_addr, tab_addr, topk_addr, w_addr, out_addr, num_tokens, r_rank,
+                r_base, r_recv_off, r_sig_off, r_tab_addr, wait_addr, timeout_ns, err_addr):
+        send(x_addr, src_addr, layout_addr, rank, bufs_addr, base, send_off, recv_off, sig_off,
+             other_sig_off, ws_addr, tab_addr)
+        cuda.syncthreads()
+        recv(topk_addr, w_addr, out_addr, num_tokens, r_rank, r_base, r_recv_off, r_sig_off,
+             r_tab_addr, wait_addr, timeout_ns, err_addr)
+
+    return combine
+
+
+def _static_shared_bytes(factory, c):
+    """Bytes of the static shared arrays a phase kernel declares (mirrors the factories above;
+    a test compares it with the compiled kernels)."""
+    R, E, H = c["num_ranks"], c["num_experts"], c["hidden"]
+    L, D = E // R, H // 128
+    if factory is make_dispatch_send:
+        return 4
+    if factory is make_dispatch_recv:
+        return 4 * R + 4 * (R + 1)
+    logfmt = c["use_logfmt"]
+    tab = 8 * (128 if logfmt else 1)
+    if factory is make_combine_send:
+        return 4 * (L + 1) + 4 + 2 * 4 * WARPS * (D if logfmt else 1) + tab
+    if factory is make_combine_recv:
+        K = c["num_topk"]
+        return 8 * K + 4 * K + 3 * 4 * (K * D if logfmt else 1) + tab
+    raise ValueError(f"factory: not a low-latency phase kernel: {factory!r}")
+
+
+def fused_kernel(specs):
+    """The one-launch spec ``(factory, signature, get_kernel keywords)`` for a call's
+    ``[send spec, recv spec]`` (from ``dispatch_kernels`` / ``combine_kernels``), or None when
+    the two phases' shared arrays together pass FUSED_SHARED_LIMIT. The launch bound makes
+    ptxas keep registers low enough for a 512-thread block to be resident."""
+    (send_f, _, send_c), (_, _, recv_c) = specs
+    if sum(_static_shared_bytes(f, c) for f, _, c in specs) > FUSED_SHARED_LIMIT:
+        return None
+    if send_f is make_dispatch_send:
+        return (make_dispatch, DISPATCH_SIG,
+                dict(send_c, use_ue8m0=recv_c["use_ue8m0"], launch_bounds=THREADS))
+    return (make_combine, COMBINE_SIG,
+            dict(send_c, num_topk=recv_c["num_topk"], launch_bounds=THREADS))
+
+
+def with_fused(specs):
+    """``specs`` (a call's send and recv specs) plus its one-launch spec when there is one:
+    every kernel a call with these options may launch (for compiling ahead of time)."""
+    fused = fused_kernel(specs)
+    return list(specs) + ([fused] if fused is not None else [])
+
+
+# ---------------------------------------------------------------------------------------------
 # clean_low_latency_buffer
 # ---------------------------------------------------------------------------------------------
 
@@ -1142,6 +1257,9 @@ class LowLatencyContext:
             to the peers NVSHMEM maps, NVSHMEM puts to the others; ``"nvshmem"``: NVSHMEM puts
             and signals to every other rank, as to peers on other nodes, so that the network
             path can be tested on one host (NVSHMEM then moves the data over NVLink itself).
+        fuse: a call without a receive hook runs both phases in one cooperative launch
+            (default True; env ``NUMBA_EP_LL_FUSE=0`` turns it off); False: two launches, as
+            in hook mode. The attribute of the same name may be changed between calls.
 
     Construction validates and computes the layout only; device state (workspace, error
     record, tables) is created on the first launch. The buffer must be zero (a new
@@ -1150,7 +1268,7 @@ class LowLatencyContext:
     """
 
     def __init__(self, sym_buffer, rank, num_ranks, num_max_dispatch_tokens_per_rank, hidden,
-                 num_experts, timeout_s=None, num_sms=None, transport=None):
+                 num_experts, timeout_s=None, num_sms=None, transport=None, fuse=None):
         from numba_ep import reference
         from numba_ep.kernels.waits import timeout_ns
 
@@ -1192,6 +1310,13 @@ class LowLatencyContext:
                              f"NUMBA_EP_LL_TRANSPORT), got {transport!r}")
         if transport == "nvshmem":  # every other rank as if unmapped (address 0)
             peers = [p if r == self.rank else 0 for r, p in enumerate(peers)]
+        if fuse is None:
+            env = os.environ.get("NUMBA_EP_LL_FUSE", "").strip()
+            if env not in ("", "0", "1"):
+                raise ValueError(f"NUMBA_EP_LL_FUSE: expected 0 or 1, got {env!r}")
+            fuse = env != "0"
+        if not isinstance(fuse, (bool, np.bool_)):
+            raise TypeError(f"fuse: expected a bool, got {type(fuse).__name__}")
 
         self.buffer = sym_buffer
         self.transport = transport
@@ -1210,9 +1335,11 @@ class LowLatencyContext:
         self.buffer_idx = 0
         self.timeout_s = timeout_s
         self.timeout_ns = timeout_ns(timeout_s)
+        #: calls without a hook run as one cooperative launch (see make_dispatch)
+        self.fuse = bool(fuse)
         self._num_sms = num_sms
         self._ready = False
-        self._kernels = {}      # call options -> (send, recv) CompiledKernels (see _kernels_for)
+        self._kernels = {}      # call options -> (send, recv, one-launch or None), _kernels_for
         self.errors = None
         self.workspace = None
         self.bufs = 0
@@ -1292,16 +1419,54 @@ def _get(spec):
     return get_kernel(factory, sig, **constants)
 
 
+class _Kernels:
+    """The kernels of one kind of call: ``send`` and ``recv`` (two launches; hook mode) and
+    ``fused`` (one launch, compiled on first use; None when it would not fit)."""
+
+    def __init__(self, specs):
+        self.send, self.recv = (_get(spec) for spec in specs)
+        self._fused_spec = fused_kernel(specs)
+        self._fused = None
+
+    @property
+    def fused(self):
+        if self._fused is None and self._fused_spec is not None:
+            self._fused = _get(self._fused_spec)
+        return self._fused
+
+
 def _kernels_for(ctx, kind, *options):
-    """The (send, recv) kernels of a ``kind`` ("dispatch" / "combine") call with these options,
+    """The ``_Kernels`` of a ``kind`` ("dispatch" / "combine") call with these options,
     memoised on the context: the specs hold ~10 constants, too many to rebuild every call."""
     key = (kind,) + options
-    pair = ctx._kernels.get(key)
-    if pair is None:
+    ks = ctx._kernels.get(key)
+    if ks is None:
         specs = dispatch_kernels(ctx, *options) if kind == "dispatch" else combine_kernels(
             ctx, *options)
-        pair = ctx._kernels[key] = tuple(_get(spec) for spec in specs)
-    return pair
+        ks = ctx._kernels[key] = _Kernels(specs)
+    return ks
+
+
+def _launch_call(ctx, ks, send_grid, send_args, recv_grid, recv_args, return_recv_hook, stream,
+                 what):
+    """Launch a call's phases: with a hook, the send phase now and the receive phase when the
+    hook is called; without, one cooperative launch of both (``ctx.fuse``, when the kernel
+    fits) or two launches back to back. Returns the hook or None."""
+    if not return_recv_hook and ctx.fuse:
+        fused = ks.fused
+        if fused is not None:
+            grid = min(max(send_grid, recv_grid), fused.max_resident_blocks(THREADS))
+            fused.launch(grid, THREADS, *send_args, *recv_args, stream=stream, cooperative=True)
+            return None
+    ks.send.launch(send_grid, THREADS, *send_args, stream=stream)
+
+    def launch_recv(s):
+        ks.recv.launch(recv_grid, THREADS, *recv_args, stream=s)
+
+    if return_recv_hook:
+        return _Hook(launch_recv, stream, what)
+    launch_recv(stream)
+    return None
 
 
 # Argument checks work on anything with __cuda_array_interface__ (CuPy, torch, numba), so
@@ -1529,22 +1694,16 @@ def low_latency_dispatch(ctx, x, topk_idx, use_fp8=True, round_scale=False, use_
     h = ctx.buffer_idx
     ctx.buffer_idx ^= 1
     send_off, recv_off, sig_off, other_sig_off = ctx.offsets(h)
-    send, recv = _kernels_for(ctx, "dispatch", K, use_fp8, round_scale, use_ue8m0)
-    send.launch(max(1, min(T, ctx.num_sms)), THREADS, _addr(x), _addr(topk_idx), T, ctx.rank,
-                ctx.bufs, ctx.base, send_off, recv_off, sig_off, other_sig_off,
-                _addr(ctx.workspace), stream=stream)
-
-    def launch_recv(s):
-        recv.launch(L, THREADS, ctx.rank, ctx.base, recv_off, sig_off, _addr(recv_x),
-                    _addr(scales), _addr(src_info), _addr(layout_range), _addr(recv_count),
-                    _addr(stats), _addr(wait_recv_cost_stats), ctx.timeout_ns,
-                    ctx.errors.device_address, stream=s)
-
-    hook = None
-    if return_recv_hook:
-        hook = _Hook(launch_recv, stream, "low_latency_dispatch")
-    else:
-        launch_recv(stream)
+    hook = _launch_call(
+        ctx, _kernels_for(ctx, "dispatch", K, use_fp8, round_scale, use_ue8m0),
+        max(1, min(T, ctx.num_sms)),
+        (_addr(x), _addr(topk_idx), T, ctx.rank, ctx.bufs, ctx.base, send_off, recv_off, sig_off,
+         other_sig_off, _addr(ctx.workspace)),
+        L,
+        (ctx.rank, ctx.base, recv_off, sig_off, _addr(recv_x), _addr(scales), _addr(src_info),
+         _addr(layout_range), _addr(recv_count), _addr(stats), _addr(wait_recv_cost_stats),
+         ctx.timeout_ns, ctx.errors.device_address),
+        return_recv_hook, stream, "low_latency_dispatch")
     scales_view = None if scales is None else scales.swapaxes(1, 2)
     return recv_x, scales_view, recv_count, src_info, layout_range, hook
 
@@ -1633,20 +1792,15 @@ def low_latency_combine(ctx, x, topk_idx, topk_weights, src_info, layout_range, 
     h = ctx.buffer_idx
     ctx.buffer_idx ^= 1
     send_off, recv_off, sig_off, other_sig_off = ctx.offsets(h)
-    send, recv = _kernels_for(ctx, "combine", K, use_logfmt, zero_copy)
-    send.launch(ctx.num_sms, THREADS, 0 if zero_copy else _addr(x), _addr(src_info),
-                _addr(layout_range), ctx.rank, ctx.bufs, ctx.base, send_off, recv_off, sig_off,
-                other_sig_off, _addr(ctx.workspace), _addr(ctx._log2), stream=stream)
-
-    def launch_recv(s):
-        recv.launch(max(1, min(T, ctx.num_sms)), THREADS, _addr(topk_idx), _addr(topk_weights),
-                    _addr(out), T, ctx.rank, ctx.base, recv_off, sig_off, _addr(ctx._log2),
-                    _addr(wait_recv_cost_stats), ctx.timeout_ns, ctx.errors.device_address,
-                    stream=s)
-
-    hook = None
-    if return_recv_hook:
-        hook = _Hook(launch_recv, stream, "low_latency_combine")
-    else:
-        launch_recv(stream)
+    hook = _launch_call(
+        ctx, _kernels_for(ctx, "combine", K, use_logfmt, zero_copy),
+        ctx.num_sms,
+        (0 if zero_copy else _addr(x), _addr(src_info), _addr(layout_range), ctx.rank, ctx.bufs,
+         ctx.base, send_off, recv_off, sig_off, other_sig_off, _addr(ctx.workspace),
+         _addr(ctx._log2)),
+        max(1, min(T, ctx.num_sms)),
+        (_addr(topk_idx), _addr(topk_weights), _addr(out), T, ctx.rank, ctx.base, recv_off,
+         sig_off, _addr(ctx._log2), _addr(wait_recv_cost_stats), ctx.timeout_ns,
+         ctx.errors.device_address),
+        return_recv_hook, stream, "low_latency_combine")
     return out, hook

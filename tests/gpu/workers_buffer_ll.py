@@ -65,13 +65,13 @@ def kernel_specs(nranks):
         ctx = W.spec_context(nranks, s)
         for shape, _, _, fp8, rs, ue, _, zc, _, _ in CASES:
             if shape == name:
-                lists += ll.dispatch_kernels(ctx, s["K"], fp8, rs, ue)
-                lists += ll.combine_kernels(ctx, s["K"], False, zc)
+                lists += ll.with_fused(ll.dispatch_kernels(ctx, s["K"], fp8, rs, ue))
+                lists += ll.with_fused(ll.combine_kernels(ctx, s["K"], False, zc))
         if name == "D":   # the torch round
-            lists += ll.dispatch_kernels(ctx, s["K"], True, False, False)
-            lists += ll.combine_kernels(ctx, s["K"], False, True)
-            lists += ll.dispatch_kernels(ctx, s["K"], False, False, False)
-            lists += ll.combine_kernels(ctx, s["K"], False, False)
+            lists += ll.with_fused(ll.dispatch_kernels(ctx, s["K"], True, False, False))
+            lists += ll.with_fused(ll.combine_kernels(ctx, s["K"], False, True))
+            lists += ll.with_fused(ll.dispatch_kernels(ctx, s["K"], False, False, False))
+            lists += ll.with_fused(ll.combine_kernels(ctx, s["K"], False, False))
     return lists
 
 

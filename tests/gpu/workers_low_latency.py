@@ -61,9 +61,9 @@ def kernel_specs(nranks):
                             (False, False, False)]:
             if ue and s["H"] % 512:
                 continue
-            lists += ll.dispatch_kernels(ctx, s["K"], fp8, rs, ue)
+            lists += ll.with_fused(ll.dispatch_kernels(ctx, s["K"], fp8, rs, ue))
         for lf, zc in [(False, False), (False, True), (True, False)]:
-            lists += ll.combine_kernels(ctx, s["K"], lf, zc)
+            lists += ll.with_fused(ll.combine_kernels(ctx, s["K"], lf, zc))
     return lists
 
 
