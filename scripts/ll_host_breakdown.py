@@ -146,6 +146,8 @@ def breakdown(group, loops=200, T=128, H=7168, K=8, E=288):
                 t("to_caller(cupy -> torch uint8)", lambda: to_caller(recv_x, True))
                 t("to_caller(cupy -> torch float8)", lambda: to_caller(
                     recv_x, True, torch_dtype=torch.float8_e4m3fn))
+                t("  torch.as_tensor(cupy uint8) (CUDA array interface)",
+                  lambda: torch.as_tensor(recv_x, device=dev))
                 t("torch.cuda.current_stream()", lambda: torch.cuda.current_stream(dev))
 
             # -- whole steps
