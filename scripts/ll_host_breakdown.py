@@ -141,9 +141,13 @@ def breakdown(group, loops=200, T=128, H=7168, K=8, E=288):
                 t("torch.empty [L, R*M, H] uint8", lambda: torch.empty(
                     (L, R * M, H), dtype=torch.uint8, device=dev))
                 t("device_view(torch bf16 x)", lambda: device_view(xt, "x"))
+                t("  the DLPack route: cupy.from_dlpack(x.view(int16))",
+                  lambda: cupy.from_dlpack(xt.view(torch.int16)).view(cupy.uint16))
                 t("to_caller(cupy -> torch uint8)", lambda: to_caller(recv_x, True))
                 t("to_caller(cupy -> torch float8)", lambda: to_caller(
                     recv_x, True, torch_dtype=torch.float8_e4m3fn))
+                t("  torch.as_tensor(cupy uint8) (CUDA array interface)",
+                  lambda: torch.as_tensor(recv_x, device=dev))
                 t("torch.cuda.current_stream()", lambda: torch.cuda.current_stream(dev))
 
             # -- whole steps

@@ -662,6 +662,22 @@ def test_array_info_kinds():
     raises(ValueError, lambda: check_array(t, "x", device=0), "CUDA device 0", "host")
 
 
+def test_cupy_dtype_of_each_torch_dtype():
+    """The dtype device_view gives a CUDA tensor's CuPy view (built from its pointer on a GPU):
+    carriers for what CuPy lacks, the same dtype otherwise, a clear error for the rest."""
+    torch = pytest.importorskip("torch")
+    from numba_ep.interop import _cupy_dtype_for
+
+    want = {torch.bfloat16: np.uint16, torch.float8_e4m3fn: np.uint8, torch.float8_e5m2: np.uint8,
+            torch.bool: np.bool_, torch.float32: np.float32, torch.float16: np.float16,
+            torch.int64: np.int64, torch.int32: np.int32, torch.uint8: np.uint8}
+    for td, nd in want.items():
+        assert _cupy_dtype_for(td) == np.dtype(nd), td
+        assert _cupy_dtype_for(td) == np.dtype(nd), td   # remembered
+    with pytest.raises(TypeError):
+        _cupy_dtype_for(torch.complex32)
+
+
 def test_bf16_and_fp8_carriers_on_the_host():
     x = np.arange(12, dtype=np.float32).reshape(3, 4).astype(BF16)
     b = bytes_view(x)

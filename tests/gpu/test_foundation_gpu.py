@@ -1,5 +1,6 @@
 """GPU tests of the foundation: the fast launch path (plain, graph capture, NVSHMEM-linked),
-get_dispatch_layout at full size, and the device barrier across ranks."""
+get_dispatch_layout at full size, the device barrier across ranks, and CuPy views of torch
+tensors."""
 import numpy as np
 import pytest
 
@@ -66,3 +67,49 @@ def test_nvshmem_kernel_through_fast_path_one_gpu(ranks):
 def test_nvshmem_kernel_through_fast_path_two_gpus(ranks):
     # Rank r wrote r into slot r of rank r+1: rank 0 holds 1's value in slot 1, and so on.
     assert ranks(nvshmem_kernel_fast_path, 2) == [1, 0]
+
+
+@pytest.mark.gpu
+def test_device_view_of_torch_tensors_reads_the_same_bits():
+    """interop.device_view builds CuPy views of CUDA tensors from data_ptr/shape/strides: every
+    dtype family, offsets, strides (sliced, transposed, expanded), 0-d and empty tensors read
+    the tensor's own bits, writes through the view reach the tensor, and the view keeps the
+    tensor's memory alive."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    import cupy as cp
+
+    from numba_ep.interop import device_view
+
+    dev = torch.device("cuda", cp.cuda.Device().id)
+    g = torch.Generator(device="cpu").manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    base = torch.randn((37, 64), generator=g).to(dev)
+    carriers = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8,
+                torch.bool: torch.uint8}
+    cases = {
+        "bf16": base.to(torch.bfloat16),
+        "fp8 3-d": base.reshape(37, 8, 8).to(torch.float8_e4m3fn),
+        "bool": base > 0,
+        "int64 every other column": (base * 100).to(torch.int64)[:, ::2],
+        "float32 rows 5..": base[5:],
+        "float32 transposed": base.t(),
+        "int32 expanded": torch.arange(64, dtype=torch.int32, device=dev).expand(3, 64),
+        "float32 0-d": base[3, 4],
+        "uint8 empty": torch.empty((0, 16), dtype=torch.uint8, device=dev),
+    }
+    for name, t in cases.items():
+        v = device_view(t, name)
+        assert tuple(v.shape) == tuple(t.shape), name
+        want = (t.view(carriers[t.dtype]) if t.dtype in carriers else t).cpu().numpy()
+        np.testing.assert_array_equal(cp.asnumpy(v).view(want.dtype), want, err_msg=name)
+    t = torch.zeros(10, dtype=torch.float32, device=dev)
+    device_view(t[2:5], "slice")[...] = 7
+    torch.cuda.synchronize()
+    assert t.cpu().tolist() == [0, 0, 7, 7, 7, 0, 0, 0, 0, 0]
+    v = device_view(torch.full((1 << 20,), 3, dtype=torch.int32, device=dev), "owned")
+    torch.cuda.empty_cache()
+    junk = torch.full((4 << 20,), 9, dtype=torch.int32, device=dev)  # would reuse freed memory
+    torch.cuda.synchronize()
+    assert int(cp.count_nonzero(v != 3)) == 0
+    del junk
