@@ -8,6 +8,7 @@ count (the GPU keeps up, so this is the host cost of one launch).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -377,12 +378,58 @@ def intranode_rank(group, num_tokens=4096, hidden=7168, num_topk=8, num_experts=
                                 cfg_d, cfg_c)
         rows.update(_rows_of_times(times, hidden, (("logical", n_recv),
                                                    ("NVLink (remote rows)", n_remote))))
+        rows.update(_torch_host_rows(buf, group, stream, x_bf16, layout, topk, weights, cfg_d,
+                                     cfg_c))
         rows["received rows (local + remote)"] = float(n_recv)
         rows["remote rows"] = float(n_remote)
         if R > 1:
             rows.update(_link_baselines(buf, group, stream, per_rank, hidden))
     group.barrier()
     buf.destroy()
+    return rows
+
+
+def _torch_host_rows(buf, group, stream, x_bf16, layout, topk, weights, cfg_d, cfg_c):
+    """Host us per call of a cached BF16 dispatch and a combine with torch tensors in and out
+    (the same device memory as the CuPy calls), with results made by torch and handed back as
+    views (``interop.TORCH_OUTPUT_VIEWS``) and, for comparison, through DLPack. Empty without
+    torch on CUDA."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return {}
+    except ImportError:
+        return {}
+    import cupy as cp
+
+    from numba_ep import interop
+
+    stream.synchronize()
+    dev = torch.device("cuda", cp.cuda.Device().id)
+    as_t = functools.partial(torch.as_tensor, device=dev)
+    xt = as_t(x_bf16.view(cp.int16)).view(torch.bfloat16)
+    per_rank, per_expert, in_rank = (as_t(layout[i]) for i in (0, 2, 3))
+    rows = {}
+    saved = interop.TORCH_OUTPUT_VIEWS
+    ts = torch.cuda.ExternalStream(stream.ptr, device=dev)
+    try:
+        with torch.cuda.stream(ts):
+            recv_x, _, _, _, handle, _ = buf.dispatch(
+                xt, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert, topk_idx=as_t(topk),
+                topk_weights=as_t(weights), config=cfg_d)
+            for views, label in ((True, "views"), (False, "DLPack")):
+                interop.TORCH_OUTPUT_VIEWS = views
+                _, host = _pipelined_us(lambda: buf.dispatch(xt, handle=handle, config=cfg_d),
+                                        stream, group)
+                rows[f"dispatch BF16, host us per call, torch tensors ({label} out)"] = host
+                _, host = _pipelined_us(lambda: buf.combine(recv_x, handle, config=cfg_c), stream,
+                                        group)
+                rows[f"combine BF16, host us per call, torch tensors ({label} out)"] = host
+    finally:
+        interop.TORCH_OUTPUT_VIEWS = saved
+        stream.synchronize()
     return rows
 
 

@@ -119,11 +119,13 @@ from typing import Any
 import numpy as np
 
 from numba_ep import config as _config
+from numba_ep import interop
 from numba_ep.config import Config
 from numba_ep.errors import CommTimeoutError
 from numba_ep.interop import (CUPY_CARRIER, ArrayInfo, EventOverlap, array_info, array_key,
                               bytes_view, caller_stream, current_stream_handle, device_view,
-                              is_array, record_event, to_caller, torch_cuda_active)
+                              is_array, record_event, to_caller, torch_allocations,
+                              torch_cuda_active)
 
 __all__ = ["Buffer", "Config", "EventOverlap", "check_expert_ids", "MAX_TOPK", "MAX_RANKS"]
 
@@ -448,6 +450,29 @@ class _LowLatencyPlan:
 # Streams of one call
 # -------------------------------------------------------------------------------------------------
 
+class _TorchAllocations:
+    """``with``: CuPy on the caller's stream, its allocations made by torch
+    (``interop.torch_allocations``)."""
+
+    __slots__ = ("stream", "device", "_alloc")
+
+    def __init__(self, stream, device):
+        self.stream, self.device = stream, device
+
+    def __enter__(self):
+        self.stream.__enter__()
+        self._alloc = torch_allocations(int(self.device))
+        self._alloc.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self._alloc.__exit__(*exc)
+        finally:
+            self.stream.__exit__(*exc)
+        return False
+
+
 class _Call:
     """The stream choreography of one call (module docstring, "Streams and events").
 
@@ -462,7 +487,7 @@ class _Call:
         self.previous_event = previous_event
         self.async_finish = async_finish
         self.allocate_on_comm_stream = allocate_on_comm_stream
-        self.capturing = False
+        self.capturing = self.torch_alloc = False
         if self.host:
             self.caller = self.comm = None
             return
@@ -470,8 +495,10 @@ class _Call:
 
         self.comm = buf._comm_stream
         self.handoff = buf._handoff_events
+        self.device = buf.device
         self.caller = caller_stream(torch_side, buf.device if torch_side else None)
         self.capturing = bool(cupy.cuda.runtime.streamIsCapturing(self.caller.ptr))
+        self.torch_alloc = (torch_side and not self.capturing and interop.TORCH_OUTPUT_VIEWS)
 
     def begin(self):
         if self.host:
@@ -491,7 +518,14 @@ class _Call:
         return contextlib.nullcontext() if self.host else self.comm
 
     def alloc(self):
-        return self.on_comm() if self.allocate_on_comm_stream else self.on_caller()
+        """Where outputs are made: on the comm stream when asked; for torch callers on their
+        stream by torch's allocator (handed back as views of their tensors, not DLPack; not
+        while a CuPy graph capture is under way, which torch's allocator would not know of)."""
+        if self.allocate_on_comm_stream:
+            return self.on_comm()
+        if self.torch_alloc:
+            return _TorchAllocations(self.caller, self.device)
+        return self.on_caller()
 
     def finish(self, keep) -> EventOverlap:
         if self.host:

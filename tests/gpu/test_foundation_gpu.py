@@ -113,3 +113,53 @@ def test_device_view_of_torch_tensors_reads_the_same_bits():
     torch.cuda.synchronize()
     assert int(cp.count_nonzero(v != 3)) == 0
     del junk
+
+
+@pytest.mark.gpu
+def test_results_made_by_torch_go_back_as_views_of_their_tensor():
+    """Under interop.torch_allocations CuPy arrays live in torch tensors; to_caller hands them
+    back as views of those tensors (same address, the asked dtype and shape, bits unchanged),
+    also when the dtype's width differs (uint8 rows -> bfloat16); views at an offset and
+    strided arrays are handed back correctly too (the strided ones through DLPack); the memory
+    stays valid after the CuPy array is gone."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    import cupy as cp
+
+    from numba_ep.interop import _owner_view, to_caller, torch_allocations
+
+    dev_id = cp.cuda.Device().id
+    rng = np.random.default_rng()
+    with torch_allocations(dev_id):
+        rows = cp.asarray(rng.integers(0, 256, (5, 64), dtype=np.uint8))
+        idx = cp.asarray(rng.integers(-1, 100, (7, 3)))
+        flags = cp.asarray(rng.random((4, 9)) > 0.5)
+        pair = cp.asarray(rng.random((6, 4), dtype=np.float32))
+    assert idx.dtype == np.int64
+    for a in (rows, idx, flags, pair):
+        assert torch.is_tensor(a.data.mem._owner)   # made by torch
+    t = to_caller(rows, True, torch_dtype=torch.bfloat16)
+    assert t.dtype == torch.bfloat16 and tuple(t.shape) == (5, 32)
+    assert t.data_ptr() == rows.data.ptr and _owner_view(rows, torch.bfloat16) is not None
+    np.testing.assert_array_equal(t.view(torch.uint8).cpu().numpy(), cp.asnumpy(rows))
+    for a, want in ((idx, torch.int64), (flags, torch.bool), (pair, torch.float32)):
+        t = to_caller(a, True)
+        assert t.dtype == want and tuple(t.shape) == a.shape and t.data_ptr() == a.data.ptr
+        np.testing.assert_array_equal(t.cpu().numpy(), cp.asnumpy(a))
+    col = pair[:, 1]                   # strided: DLPack
+    assert _owner_view(col, None) is None
+    np.testing.assert_array_equal(to_caller(col, True).cpu().numpy(), cp.asnumpy(col))
+    tail = pair[2:]                    # contiguous at an offset: a view
+    t = to_caller(tail, True)
+    assert t.data_ptr() == tail.data.ptr
+    np.testing.assert_array_equal(t.cpu().numpy(), cp.asnumpy(tail))
+    want = cp.asnumpy(idx)
+    t = to_caller(idx, True)
+    del idx
+    junk = torch.full((1 << 20,), 9, dtype=torch.int64, device=t.device)  # would reuse memory
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(t.cpu().numpy(), want)
+    del junk
+    # outside the context CuPy's own pool is back
+    assert not torch.is_tensor(getattr(cp.empty(16, np.int32).data.mem, "_owner", None))
