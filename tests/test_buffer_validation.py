@@ -844,3 +844,35 @@ def test_device_guard_switches_only_when_needed_and_restores(monkeypatch):
         assert current[0] == 0 and "rank 1 did not arrive" in buf._broken
     finally:
         buf._host = True                    # nothing of a GPU Buffer to release
+
+
+@pytest.mark.parametrize("torch_side, capturing, on_comm, views, want", [
+    (True, False, False, True, "torch"),      # a torch caller's outputs: made by torch
+    (True, False, True, True, "comm"),        # allocate_on_comm_stream: CuPy on the comm stream
+    (True, True, False, True, "caller"),      # a CuPy capture: CuPy's pool (torch can't know)
+    (True, False, False, False, "caller"),    # TORCH_OUTPUT_VIEWS off: CuPy's pool, DLPack
+    (False, False, False, True, "caller"),    # a CuPy caller
+])
+def test_where_a_calls_outputs_are_made(monkeypatch, torch_side, capturing, on_comm, views,
+                                        want):
+    """_Call.alloc, the step in which a normal-mode call makes its outputs: torch's allocator
+    for torch callers (handed back as views of their tensors), except on the comm stream, during
+    a CuPy graph capture, or with interop.TORCH_OUTPUT_VIEWS off."""
+    from cupy.cuda import runtime
+
+    from numba_ep import buffer as B
+    from numba_ep import interop
+
+    streams = {True: SimpleNamespace(ptr=11), False: SimpleNamespace(ptr=22)}
+    monkeypatch.setattr(B, "caller_stream", lambda torch_side, device: streams[torch_side])
+    monkeypatch.setattr(runtime, "streamIsCapturing", lambda ptr: capturing)
+    monkeypatch.setattr(interop, "TORCH_OUTPUT_VIEWS", views)
+    buf = SimpleNamespace(_host=False, _comm_stream=SimpleNamespace(ptr=33), _handoff_events=(),
+                          device=3)
+    call = B._Call(buf, torch_side, None, False, on_comm)
+    got = call.alloc()
+    if want == "torch":
+        assert isinstance(got, B._TorchAllocations)
+        assert got.stream is streams[True] and got.device == 3
+    else:
+        assert got is {"comm": buf._comm_stream, "caller": streams[torch_side]}[want]
