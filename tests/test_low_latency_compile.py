@@ -585,3 +585,19 @@ def test_fuse_option_and_environment(monkeypatch):
         fake_ctx()
     with pytest.raises(TypeError, match="fuse: expected a bool"):
         fake_ctx(fuse=1)
+
+
+def test_each_kernel_of_a_call_is_built_on_first_use(monkeypatch):
+    """A caller that never asks for hooks never compiles the phase kernels, and each kernel is
+    built once however often it is launched."""
+    built = []
+    monkeypatch.setattr(ll, "_get", lambda spec: built.append(spec[0].__name__) or spec[0])
+    ks = ll._Kernels(ll.dispatch_kernels(fake_ctx(), 8))
+    assert built == []
+    assert ks.fused is ll.make_dispatch and ks.fused is ll.make_dispatch
+    assert built == ["make_dispatch"]
+    assert ks.send is ll.make_dispatch_send and ks.recv is ll.make_dispatch_recv
+    assert built == ["make_dispatch", "make_dispatch_send", "make_dispatch_recv"]
+    big = ll._Kernels(ll.combine_kernels(fake_ctx(R=2, M=8, H=16384, E=8192), 16,
+                                         use_logfmt=True))
+    assert big.fused is None and built[-1] == "make_dispatch_recv"   # too large: nothing built

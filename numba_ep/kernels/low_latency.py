@@ -111,6 +111,7 @@ Byte count and expected time of the benchmark (T=128, H=7168, K=8, E=288, R=2 H1
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -1420,19 +1421,25 @@ def _get(spec):
 
 
 class _Kernels:
-    """The kernels of one kind of call: ``send`` and ``recv`` (two launches; hook mode) and
-    ``fused`` (one launch, compiled on first use; None when it would not fit)."""
+    """The kernels of one kind of call: ``send`` and ``recv`` (two launches: hook mode, or
+    ``fuse=False``) and ``fused`` (one launch; None when it would not fit). Each is compiled
+    or loaded on first use, so a caller that never uses hooks never builds the phase kernels."""
 
     def __init__(self, specs):
-        self.send, self.recv = (_get(spec) for spec in specs)
-        self._fused_spec = fused_kernel(specs)
-        self._fused = None
+        self._specs = specs
 
-    @property
+    @functools.cached_property
+    def send(self):
+        return _get(self._specs[0])
+
+    @functools.cached_property
+    def recv(self):
+        return _get(self._specs[1])
+
+    @functools.cached_property
     def fused(self):
-        if self._fused is None and self._fused_spec is not None:
-            self._fused = _get(self._fused_spec)
-        return self._fused
+        spec = fused_kernel(self._specs)
+        return None if spec is None else _get(spec)
 
 
 def _kernels_for(ctx, kind, *options):
