@@ -324,11 +324,15 @@ def _cupy_view_of_cuda_tensor(t):
     dt = _cupy_dtype_for(t.dtype)
     item = dt.itemsize
     shape = tuple(t.shape)
-    strides = tuple(s * item for s in t.stride())
-    if t.numel() == 0:
+    n = t.numel()
+    if n == 0:
         return cupy.empty(shape, dtype=dt)
+    if t.is_contiguous():   # the common case: CuPy computes C strides itself (cheaper)
+        mem = cupy.cuda.UnownedMemory(t.data_ptr(), n * item, t, device_id=t.get_device())
+        return cupy.ndarray(shape, dtype=dt, memptr=cupy.cuda.MemoryPointer(mem, 0))
+    strides = tuple(s * item for s in t.stride())
     span = item + sum((n - 1) * s for n, s in zip(shape, strides))
-    mem = cupy.cuda.UnownedMemory(t.data_ptr(), span, t, device_id=t.device.index)
+    mem = cupy.cuda.UnownedMemory(t.data_ptr(), span, t, device_id=t.get_device())
     return cupy.ndarray(shape, dtype=dt, memptr=cupy.cuda.MemoryPointer(mem, 0),
                         strides=strides)
 
@@ -427,7 +431,9 @@ def _owner_view(a, torch_dtype):
         if not shape:
             return None
         shape = shape[:-1] + (shape[-1] * a.itemsize // size,)
-    return owner[off:off + n].view(target).view(shape)
+    # each torch view costs ~1 us: the common case (a whole allocation) takes two
+    t = owner if off == 0 and n == owner.numel() else owner[off:off + n]
+    return t.view(target).view(shape)
 
 
 def to_caller(a, torch_out: bool, torch_dtype=None, dtype=None):
@@ -488,11 +494,23 @@ def caller_stream(torch_side: bool, device=None):
 
     if not torch_side:
         return cupy.cuda.get_current_stream()
-    import warnings
-
+    dev = -1 if device is None else int(device)
     handle = current_stream_handle(True, device)
-    # ExternalStream is deprecated in CuPy 14 in favour of Stream.from_external, which needs a
-    # stream object; this one only records the handle (and works for torch's legacy stream 0).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return cupy.cuda.ExternalStream(handle, -1 if device is None else int(device))
+    s = _external_streams.get((handle, dev))
+    if s is None:
+        import warnings
+
+        # ExternalStream is deprecated in CuPy 14 in favour of Stream.from_external, which
+        # needs a stream object; this one only records the handle (and works for torch's legacy
+        # stream 0). It owns nothing, so one per handle is kept: a later stream with a reused
+        # handle is the same stream to the driver (making one costs ~3 us of every call).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            s = cupy.cuda.ExternalStream(handle, dev)
+        if len(_external_streams) >= 256:
+            _external_streams.clear()
+        _external_streams[(handle, dev)] = s
+    return s
+
+
+_external_streams = {}   # (stream handle, device) -> cupy ExternalStream (caller_stream)

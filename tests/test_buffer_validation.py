@@ -678,6 +678,24 @@ def test_cupy_dtype_of_each_torch_dtype():
         _cupy_dtype_for(torch.complex32)
 
 
+def test_torch_callers_stream_wrapper_is_made_once_per_stream(monkeypatch):
+    """caller_stream wraps torch's current stream in a CuPy ExternalStream (a few us to make);
+    one wrapper per (handle, device) is kept and reused, a new handle gets its own."""
+    pytest.importorskip("cupy")
+    from numba_ep import interop
+
+    handle = {"h": 0x1234}
+    monkeypatch.setattr(interop, "current_stream_handle", lambda torch_side, device: handle["h"])
+    monkeypatch.setattr(interop, "_external_streams", {})
+    a = interop.caller_stream(True, 0)
+    assert a.ptr == 0x1234 and interop.caller_stream(True, 0) is a
+    handle["h"] = 0x5678
+    b = interop.caller_stream(True, 0)
+    assert b is not a and b.ptr == 0x5678
+    assert interop.caller_stream(True, 1) is not b   # another device, another wrapper
+    assert len(interop._external_streams) == 3
+
+
 def test_bf16_and_fp8_carriers_on_the_host():
     x = np.arange(12, dtype=np.float32).reshape(3, 4).astype(BF16)
     b = bytes_view(x)
