@@ -635,6 +635,9 @@ _LL_ROWS = (
     ("dispatch", "dispatch (FP8), us"),
     ("combine", "combine (BF16), us"),
     ("dispatch+combine", "dispatch + combine, us"),
+    ("kernel_dispatch", "kernel time (CUDA profiler, DeepEP's method): dispatch, us"),
+    ("kernel_combine", "  kernel time: combine, us"),
+    ("kernel_dispatch+combine", "  kernel time: dispatch + combine, us"),
     ("dispatch_send", "hook mode: dispatch send phase, us"),
     ("dispatch_recv", "hook mode: dispatch recv phase, us"),
     ("combine_send", "hook mode: combine send phase, us"),
@@ -674,6 +677,8 @@ def bench_low_latency(ranks=None, num_tokens=128, hidden=7168, num_topk=8, num_e
             rows[f"  DeepEP V1 2xH100 {key}, us"] = DEEPEP_V1_LL_2XH100[key]
         if n == 8 and key in DEEPEP_V1_LL_EP8_H800:
             rows[f"  DeepEP V1 EP8 H800 (NVLink P2P) {key}, us"] = DEEPEP_V1_LL_EP8_H800[key]
+    if "kernel_note" in results[0]:
+        rows["kernel time (CUDA profiler)"] = results[0]["kernel_note"]
     rows["dispatch logical GB/s (FP8 messages)"] = statistics.mean(
         r["dispatch_GBps"] for r in results)
     rows["combine logical GB/s (BF16 rows)"] = statistics.mean(r["combine_GBps"] for r in results)

@@ -22,6 +22,11 @@ over the median time.
 Without hooks each call is one launch (send and receive phases in one cooperative kernel); the
 ``split_*`` keys time the same calls as two launches each (``LowLatencyContext.fuse = False``).
 
+``kernel_dispatch`` / ``kernel_combine``: the mean duration of the dispatch and the combine
+kernel as the CUDA profiler records it (CUPTI through ``torch.profiler``; only where torch has
+CUDA), DeepEP's own method (its ``bench_kineto``): the events above also count the gap between
+one kernel's end and the next one's start, which a kernel's duration does not.
+
 Host cost: ``host_dispatch+combine`` is the host's wall time per dispatch + combine while it
 enqueues them behind the delay kernel (no events in that loop); ``graph_dispatch+combine`` is
 the GPU time of one dispatch + combine captured in a CUDA graph and replayed back to back, and
@@ -271,7 +276,48 @@ def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_expert
                 stream.synchronize()
                 b.destroy()
 
+        def kernel_us(iters=40):
+            # DeepEP's method: each kernel's own duration from the CUDA profiler (CUPTI, through
+            # torch.profiler), without the launch gaps that the events above include. A
+            # dispatch + combine without hooks is one kernel each, so the loop's kernels
+            # alternate dispatch, combine; anything else is reported, not guessed at.
+            try:
+                import torch
+                from torch.autograd import DeviceType
+                from torch.profiler import ProfilerActivity, profile
+
+                if not torch.cuda.is_available():
+                    return {}
+            except ImportError:
+                return {}
+
+            def step():
+                _, _, _, src, lr, _ = ll.low_latency_dispatch(ctx, x, topk, stream=stream)
+                ll.low_latency_combine(ctx, y, topk, weights, src, lr, use_logfmt=use_logfmt,
+                                       stream=stream)
+            for _ in range(warmup):
+                step()
+            stream.synchronize()
+            group.barrier()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(iters):
+                    step()
+                stream.synchronize()
+            ctx.check()
+            ks = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA
+                         and not e.name.startswith(("Memcpy", "Memset"))),
+                        key=lambda e: e.time_range.start)
+            names = [e.name for e in ks]
+            if (len(ks) != 2 * iters or len(set(names[0::2])) != 1
+                    or len(set(names[1::2])) != 1 or names[0] == names[1]):
+                return {"kernel_note": f"{len(ks)} kernels for {iters} steps: "
+                                       f"{sorted(set(n[:60] for n in names))}"}
+            dur = [e.time_range.end - e.time_range.start for e in ks]
+            kd, kc = float(np.mean(dur[0::2])), float(np.mean(dur[1::2]))
+            return {"kernel_dispatch": kd, "kernel_combine": kc, "kernel_dispatch+combine": kd + kc}
+
         out = {}
+        out.update(kernel_us())
         med = timed_run(False)
         out["dispatch"] = med(0, 1)
         out["combine"] = med(3, 4)
