@@ -6,7 +6,8 @@
 - ``bench launch|layout|intranode|low-latency``: GPU benchmarks; prints a table and writes JSON
   (``--json PATH``). ``intranode`` and ``low-latency`` use every local GPU (``--ranks N``);
   ``low-latency`` prints dispatch, combine, both, and the send/recv phases of hook mode beside
-  DeepEP V1's 2 x H100 numbers.
+  DeepEP V1's 2 x H100 numbers; ``--kernel-times`` adds each kernel's own duration from the CUDA
+  profiler (DeepEP's method of measuring).
 - ``selftest``: the GPU test-suite (``pytest -m "gpu or multigpu"``).
 """
 from __future__ import annotations
@@ -31,6 +32,9 @@ def main(argv=None) -> int:
     b.add_argument("name", choices=["launch", "layout", "intranode", "internode", "low-latency"])
     b.add_argument("--json", default=None, help="write results to this JSON file")
     b.add_argument("--ranks", type=int, default=None)
+    b.add_argument("--kernel-times", action="store_true",
+                   help="low-latency: also each kernel's duration from the CUDA profiler "
+                        "(torch.profiler; DeepEP's method), measured last")
     sub.add_parser("selftest", help="run the GPU tests with pytest")
     args = p.parse_args(argv)
 
@@ -50,7 +54,8 @@ def main(argv=None) -> int:
             return 2
         from numba_ep import bench
 
-        return bench.main(args.name, json_path=args.json, ranks=args.ranks)
+        return bench.main(args.name, json_path=args.json, ranks=args.ranks,
+                          kernel_times=args.kernel_times)
     if args.cmd == "selftest":
         import subprocess
 

@@ -152,7 +152,7 @@ def _device_name():
     return cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
 
 
-def main(name, json_path=None, ranks=None) -> int:
+def main(name, json_path=None, ranks=None, kernel_times=False) -> int:
     if name == "launch":
         rows = bench_launch()
         unit = "us per launch"
@@ -166,7 +166,7 @@ def main(name, json_path=None, ranks=None) -> int:
         rows = bench_internode(ranks)
         unit = "mixed (see row names)"
     elif name == "low-latency":
-        rows = bench_low_latency(ranks)
+        rows = bench_low_latency(ranks, kernel_times=kernel_times)
         unit = "mixed (see row names)"
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(name)
@@ -635,6 +635,9 @@ _LL_ROWS = (
     ("dispatch", "dispatch (FP8), us"),
     ("combine", "combine (BF16), us"),
     ("dispatch+combine", "dispatch + combine, us"),
+    ("kernel_dispatch", "kernel time (CUDA profiler, DeepEP's method): dispatch, us"),
+    ("kernel_combine", "  kernel time: combine, us"),
+    ("kernel_dispatch+combine", "  kernel time: dispatch + combine, us"),
     ("dispatch_send", "hook mode: dispatch send phase, us"),
     ("dispatch_recv", "hook mode: dispatch recv phase, us"),
     ("combine_send", "hook mode: combine send phase, us"),
@@ -653,16 +656,18 @@ _LL_ROWS = (
 
 
 def bench_low_latency(ranks=None, num_tokens=128, hidden=7168, num_topk=8, num_experts=288,
-                      num_iters=60):
+                      num_iters=60, kernel_times=False):
     """Spawn one rank per local GPU (or ``ranks``) running ``numba_ep.bench_ll``'s
-    measurement; times are the slowest rank's medians, bandwidths the mean over ranks."""
+    measurement; times are the slowest rank's medians, bandwidths the mean over ranks.
+    ``kernel_times``: also the kernels' own durations from the CUDA profiler."""
     from numba_ep.group import gpu_count
     from numba_ep.bench_ll import bench_low_latency as measure
     from numba_ep.group import spawn
 
     n = ranks or gpu_count()
     results = spawn(measure, n, num_tokens=num_tokens, hidden=hidden, num_topk=num_topk,
-                    num_experts=num_experts, num_iters=num_iters, timeout=600)
+                    num_experts=num_experts, num_iters=num_iters, kernel_times=kernel_times,
+                    timeout=600)
     rows = {"ranks": float(n),
             "shape": f"T = M = {num_tokens}, H = {hidden}, top-{num_topk} of {num_experts} "
                      "experts"}
@@ -674,6 +679,8 @@ def bench_low_latency(ranks=None, num_tokens=128, hidden=7168, num_topk=8, num_e
             rows[f"  DeepEP V1 2xH100 {key}, us"] = DEEPEP_V1_LL_2XH100[key]
         if n == 8 and key in DEEPEP_V1_LL_EP8_H800:
             rows[f"  DeepEP V1 EP8 H800 (NVLink P2P) {key}, us"] = DEEPEP_V1_LL_EP8_H800[key]
+    if "kernel_note" in results[0]:
+        rows["kernel time (CUDA profiler)"] = results[0]["kernel_note"]
     rows["dispatch logical GB/s (FP8 messages)"] = statistics.mean(
         r["dispatch_GBps"] for r in results)
     rows["combine logical GB/s (BF16 rows)"] = statistics.mean(r["combine_GBps"] for r in results)

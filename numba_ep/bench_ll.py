@@ -22,6 +22,12 @@ over the median time.
 Without hooks each call is one launch (send and receive phases in one cooperative kernel); the
 ``split_*`` keys time the same calls as two launches each (``LowLatencyContext.fuse = False``).
 
+``kernel_dispatch`` / ``kernel_combine`` (with ``kernel_times=True``, measured last): the median
+duration of the dispatch and the combine kernel as the CUDA profiler records it (CUPTI through
+``torch.profiler``; only where torch has CUDA), DeepEP's own method (its ``bench_kineto``): the
+events above also count the gap between one kernel's end and the next one's start, which a
+kernel's duration does not.
+
 Host cost: ``host_dispatch+combine`` is the host's wall time per dispatch + combine while it
 enqueues them behind the delay kernel (no events in that loop); ``graph_dispatch+combine`` is
 the GPU time of one dispatch + combine captured in a CUDA graph and replayed back to back, and
@@ -102,7 +108,7 @@ def _torch_buffer_step(b, stream, x, topk, weights, y, M, E):
 
 
 def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_experts=288,
-                      num_iters=60, warmup=10, use_logfmt=False, seed=0):
+                      num_iters=60, warmup=10, use_logfmt=False, seed=0, kernel_times=False):
     """Time low-latency dispatch/combine on this rank of ``group``; returns a dict of us.
 
     Sets up NVSHMEM (``numba_ep.memory.nvshmem_init``), a symmetric buffer of the size hint
@@ -271,6 +277,50 @@ def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_expert
                 stream.synchronize()
                 b.destroy()
 
+        def kernel_us(iters=40):
+            # DeepEP's method: each kernel's own duration from the CUDA profiler (CUPTI, through
+            # torch.profiler), without the launch gaps that the events above include. A
+            # dispatch + combine without hooks is one kernel each, so the loop's kernels
+            # alternate dispatch, combine; anything else is reported, not guessed at. The
+            # profiler slows every launch on the host, so the steps are queued behind a delay
+            # kernel as in timed_run: launched one by one, a rank's kernels would wait for its
+            # peer's slower host and count that wait (2xH100, run 7 of the ninth session:
+            # 77 us "dispatch kernels" against 34 us by events). Medians; measured last.
+            try:
+                import torch
+                from torch.autograd import DeviceType
+                from torch.profiler import ProfilerActivity, profile
+
+                if not torch.cuda.is_available():
+                    return {}
+            except ImportError:
+                return {}
+
+            def step():
+                _, _, _, src, lr, _ = ll.low_latency_dispatch(ctx, x, topk, stream=stream)
+                ll.low_latency_combine(ctx, y, topk, weights, src, lr, use_logfmt=use_logfmt,
+                                       stream=stream)
+            stream.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                group.barrier()
+                delay.launch(1, 1, int((warmup + iters) * 1_000_000), stream=stream)
+                for _ in range(warmup + iters):
+                    step()
+                stream.synchronize()
+            ctx.check()
+            ks = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA
+                         and not e.name.startswith(("Memcpy", "Memset"))),
+                        key=lambda e: e.time_range.start)[1:]   # the delay kernel first
+            names = [e.name for e in ks]
+            if (len(ks) != 2 * (warmup + iters) or len(set(names[0::2])) != 1
+                    or len(set(names[1::2])) != 1 or names[0] == names[1]):
+                return {"kernel_note": f"{len(ks)} kernels for {warmup + iters} steps: "
+                                       f"{sorted(set(n[:60] for n in names))}"}
+            dur = [e.time_range.end - e.time_range.start for e in ks[2 * warmup:]]
+            kd, kc = float(np.median(dur[0::2])), float(np.median(dur[1::2]))
+            return {"kernel_dispatch": kd, "kernel_combine": kc,
+                    "kernel_dispatch+combine": float(np.median(np.add(dur[0::2], dur[1::2])))}
+
         out = {}
         med = timed_run(False)
         out["dispatch"] = med(0, 1)
@@ -291,6 +341,8 @@ def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_expert
         out["dispatch_recv"] = med(2, 3)
         out["combine_send"] = med(3, 4)
         out["combine_recv"] = med(5, 6)
+        if kernel_times:
+            out.update(kernel_us())
         from numba_ep import reference
 
         fp8_bytes = H + H // 128 * 4 + 16
@@ -322,6 +374,7 @@ def main(argv=None):
     p.add_argument("--experts", type=int, default=288)
     p.add_argument("--iters", type=int, default=60)
     p.add_argument("--logfmt", action="store_true")
+    p.add_argument("--kernel-times", action="store_true")
     a = p.parse_args(argv)
     ranks = a.ranks
     if ranks is None:
@@ -330,7 +383,7 @@ def main(argv=None):
         ranks = cupy.cuda.runtime.getDeviceCount()
     results = spawn(bench_low_latency, ranks, num_tokens=a.tokens, hidden=a.hidden,
                     num_topk=a.topk, num_experts=a.experts, num_iters=a.iters,
-                    use_logfmt=a.logfmt, timeout=600)
+                    use_logfmt=a.logfmt, kernel_times=a.kernel_times, timeout=600)
     for r in results:
         print(", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                         for k, v in r.items()))

@@ -25,3 +25,35 @@ def test_merge_ranks_averages_rates_and_takes_the_slowest_time():
              {"dispatch, us": 12.0, "dispatch, GB/s": 50.0, "received rows": 6.0, "x": "b"}]
     assert _merge_ranks(ranks) == {"dispatch, us": 12.0, "dispatch, GB/s": 75.0,
                                    "received rows": 5.0, "x": "b"}
+
+
+def test_low_latency_rows_take_the_slowest_rank_and_show_kernel_times(monkeypatch):
+    """bench low-latency: each time row is the slowest rank's, the CUDA-profiler kernel rows
+    appear when measured (with their sum), and a profile that could not be read says why."""
+    from numba_ep import bench, group
+
+    def rank(i, kernels):
+        r = {"dispatch": 30.0 + i, "combine": 40.0 - i, "dispatch+combine": 71.0,
+             "dispatch_GBps": 200.0 + 10 * i, "combine_GBps": 300.0}
+        if kernels:
+            r.update(kernel_dispatch=25.0 + i, kernel_combine=35.0, **{
+                "kernel_dispatch+combine": 60.0 + i})
+        else:
+            r["kernel_note"] = "3 kernels for 40 steps"
+        return r
+
+    labels = [label for _, label in bench._LL_ROWS]
+    assert len(set(labels)) == len(labels)   # one row per label: none overwrites another
+    for kernels in (True, False):
+        monkeypatch.setattr(group, "spawn", lambda fn, n, **kw: [rank(i, kernels) for i in range(n)])
+        rows = bench.bench_low_latency(ranks=2)
+        assert rows["dispatch (FP8), us"] == 31.0 and rows["combine (BF16), us"] == 40.0
+        assert rows["dispatch logical GB/s (FP8 messages)"] == 205.0
+        assert "  DeepEP V1 2xH100 dispatch, us" in rows
+        label = "kernel time (CUDA profiler, DeepEP's method): dispatch, us"
+        if kernels:
+            assert rows[label] == 26.0 and rows["  kernel time: dispatch + combine, us"] == 61.0
+            assert "kernel time (CUDA profiler)" not in rows
+        else:
+            assert label not in rows
+            assert rows["kernel time (CUDA profiler)"] == "3 kernels for 40 steps"

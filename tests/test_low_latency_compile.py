@@ -109,6 +109,19 @@ def test_dispatch_send_fp8(sm90):
     assert not uses_local_memory(text)
 
 
+def test_send_kernels_fence_once_a_block_not_once_a_thread(sm90):
+    """The send phases' release chain costs three system-scope fences in the code (thread 0's
+    release before its ticket, its acquire in the last block, the publishing warp's release),
+    each executed by one thread or one warp: not a fence by every thread of every block (one
+    MEMBAR.SYS per warp, 16 a block, on the send's critical path)."""
+    ctx = fake_ctx()
+    send, recv = ll.dispatch_kernels(ctx, 8, use_fp8=True, round_scale=False)
+    csend, crecv = ll.combine_kernels(ctx, 8, use_logfmt=False, zero_copy=False)
+    for spec in (send, csend, ll.fused_kernel((send, recv)), ll.fused_kernel((csend, crecv))):
+        text, _ = build(spec)
+        assert text.count(I["fence_acq_rel_sys"]) == 3, spec[0].__name__
+
+
 def test_dispatch_send_round_scale_bf16_and_unaligned(sm90):
     ctx = fake_ctx()
     text, _ = build(ll.dispatch_kernels(ctx, 8, use_fp8=True, round_scale=True)[0])

@@ -80,13 +80,14 @@ resident while it waits for peers (the grid is sized from the kernel's occupancy
 grid-wide barrier between the phases; none is needed here, because the publish/acquire pairs
 below already order the phases across blocks and ranks.
 
-Synchronisation inside a send kernel without waiting: every block, after its stores, fences
-and takes a ticket (an atomic on the workspace); the block that draws the last ticket knows all
-stores of the kernel are complete, so it alone zeroes the other half and publishes the counts
-(dispatch: per expert, read from the slot counters it then resets) or the flags (combine), with
-a fence then relaxed system-scope stores (a release) that the receivers' ld.acquire.sys pair
-with. Cost: one fence per thread and one atomic per block, ~1-2 us on the critical path, and no
-block ever waits for another (DeepEP instead spins per expert on a finish counter).
+Synchronisation inside a send kernel without waiting: every block, after its stores, meets at
+a barrier, and its thread 0 fences and takes a ticket (an atomic on the workspace); the block
+that draws the last ticket knows all stores of the kernel are complete, so it alone zeroes the
+other half and publishes the counts (dispatch: per expert, read from the slot counters it then
+resets) or the flags (combine), from one warp, with a fence then relaxed system-scope stores (a
+release) that the receivers' ld.acquire.sys pair with. Cost: one fence and one atomic per
+block, ~1-2 us on the critical path, and no block ever waits for another (DeepEP instead spins
+per expert on a finish counter).
 
 NVSHMEM path: a peer whose ``peer_ptrs`` entry is 0 (not NVLink-mapped, e.g. on another node) is
 reached with ``nvshmemx_uint8_put_nbi_warp`` from the send buffer (dispatch messages live there
@@ -411,41 +412,53 @@ def _make_last_block_takes_over(use_nvshmem):
     block calls once its stores are issued, and that returns True in the one block that drew the
     last ticket, which then publishes the counts (dispatch) or flags (combine).
 
-    Release chain: every thread's stores -> fence -> block barrier -> thread 0's fence + ticket
-    atomic -> the last block's ticket (it sees all G increments) -> barrier, fence -> (NVSHMEM
-    path: quiet, which completes this PE's puts) -> zero the other half's ``num_sig`` signal
-    words -> barrier, fence. The caller's relaxed system-scope stores that follow are therefore
-    releases, and the receivers' ld.acquire.sys pair with them. ``last`` is the kernel's
-    ``int32[1]`` shared array."""
+    Release chain: every thread's stores -> block barrier -> thread 0's system-scope fence (it
+    is cumulative: the barrier put the whole block's stores before it) + ticket atomic -> the
+    last block's thread 0 draws the last ticket (it has seen all G increments), fences again
+    (acquire) -> (NVSHMEM path: quiet, which completes this PE's puts) -> barrier -> zero the
+    other half's ``num_sig`` signal words -> barrier. The caller then publishes from ONE warp
+    (``publish_warp``), which fences first: its relaxed system-scope stores are releases that
+    the receivers' ld.acquire.sys pair with. One fence per block and one more in the last
+    block's publishing warp, where a fence per thread (one MEMBAR.SYS per warp, 16 a block)
+    was paid before: cooperative groups' grid sync and NCCL's flag posts rest on the same
+    barrier-then-one-fence pattern. ``last`` is the kernel's ``int32[1]`` shared array."""
     if use_nvshmem:
         import nvshmem.bindings.device.numba as nvb
 
     @cuda.jit(device=True, inline=True)
     def last_block_takes_over(ws_addr, last, tid, base, other_sig_off, num_sig):
-        ptx.fence_acq_rel_sys()      # each thread's stores are complete system-wide
         cuda.syncthreads()
         if tid == 0:
-            ptx.fence_acq_rel_sys()  # after the barrier: covers the whole block, then the ticket
+            ptx.fence_acq_rel_sys()  # after the barrier: the whole block's stores, then the ticket
             done = ptx.atomic_add_gpu_i32(ws_addr, 1)
-            last[0] = 1 if done == cuda.gridDim.x - 1 else 0
+            is_last = done == cuda.gridDim.x - 1
+            if is_last:
+                ptx.fence_acq_rel_sys()   # acquire: every block's stores, through their tickets
+                if use_nvshmem:
+                    nvb.quiet()
+            last[0] = 1 if is_last else 0
         cuda.syncthreads()
         if last[0] == 0:
             return False
-        ptx.fence_acq_rel_sys()
-        if use_nvshmem:
-            if tid == 0:
-                nvb.quiet()
-            cuda.syncthreads()
         other = ptx.ptr_i32(base + uint64(other_sig_off))
         i = tid
         while i < num_sig:
             other[i] = 0       # the other half's signals, for the next call
             i += THREADS
         cuda.syncthreads()
-        ptx.fence_acq_rel_sys()
         return True
 
     return last_block_takes_over
+
+
+@cuda.jit(device=True, inline=True)
+def publish_warp(warp):
+    """True in the one warp of the last block that publishes counts or flags, after its release
+    fence (cumulative over the block's barrier that precedes it in the caller)."""
+    if warp != 0:
+        return False
+    ptx.fence_acq_rel_sys()
+    return True
 
 
 DISPATCH_SEND_SIG = ("void(uint64, uint64, int32, int32, uint64, uint64, int64, int64, int64, "
@@ -545,18 +558,19 @@ def make_dispatch_send(num_ranks, num_experts, hidden, num_topk, max_tokens, use
         # 3. The last block to finish publishes the counts (one relaxed system-scope store per
         #    count after the takeover's fences: a release).
         if last_block_takes_over(ws_addr, last, tid, base, other_sig_off, E):
-            e = tid
-            while e < E:
-                n = min(ptx.ld_volatile_i32(ws_addr + uint64(4 * (1 + e))), M)
-                ws[1 + e] = 0
-                dst = int32(e // L)
-                off = sig_off + 4 * ((e - dst * L) * R + rank)
-                peer = bufs[dst]
-                if peer != 0:
-                    ptx.st_relaxed_sys_i32(peer + uint64(off), -n - 1)
-                elif use_nvshmem:
-                    nvb.int_p(ptx.ptr_i32(base + uint64(off)), int32(-n - 1), int32(dst))
-                e += THREADS
+            if publish_warp(warp):
+                e = lane
+                while e < E:
+                    n = min(ptx.ld_volatile_i32(ws_addr + uint64(4 * (1 + e))), M)
+                    ws[1 + e] = 0
+                    dst = int32(e // L)
+                    off = sig_off + 4 * ((e - dst * L) * R + rank)
+                    peer = bufs[dst]
+                    if peer != 0:
+                        ptx.st_relaxed_sys_i32(peer + uint64(off), -n - 1)
+                    elif use_nvshmem:
+                        nvb.int_p(ptx.ptr_i32(base + uint64(off)), int32(-n - 1), int32(dst))
+                    e += 32
             if tid == 0:
                 ws[0] = 0
 
@@ -809,14 +823,16 @@ def make_combine_send(num_ranks, num_experts, hidden, max_tokens, use_logfmt, ze
 
         # 3. The last block (the other half's signals zeroed): flag[me] = 1 at every rank.
         if last_block_takes_over(ws_addr, last, tid, base, other_sig_off, E):
-            d = tid
-            while d < R:
-                peer = bufs[d]
-                if peer != 0:
-                    ptx.st_relaxed_sys_i32(peer + uint64(sig_off + 4 * rank), 1)
-                elif use_nvshmem:
-                    nvb.int_p(ptx.ptr_i32(base + uint64(sig_off + 4 * rank)), int32(1), int32(d))
-                d += THREADS
+            if publish_warp(warp):
+                d = lane
+                while d < R:
+                    peer = bufs[d]
+                    if peer != 0:
+                        ptx.st_relaxed_sys_i32(peer + uint64(sig_off + 4 * rank), 1)
+                    elif use_nvshmem:
+                        nvb.int_p(ptx.ptr_i32(base + uint64(sig_off + 4 * rank)), int32(1),
+                                  int32(d))
+                    d += 32
             if tid == 0:
                 ptx.ptr_i32(ws_addr)[0] = 0
 
