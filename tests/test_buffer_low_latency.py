@@ -587,10 +587,13 @@ def test_cli_accepts_bench_low_latency(monkeypatch):
 
     got = {}
     monkeypatch.setattr(numba_ep.group, "gpu_count", lambda: 2)
-    monkeypatch.setattr(bench, "main", lambda name, json_path=None, ranks=None:
-                        got.update(name=name, ranks=ranks) or 0)
+    monkeypatch.setattr(bench, "main", lambda name, json_path=None, ranks=None,
+                        kernel_times=False:
+                        got.update(name=name, ranks=ranks, kernel_times=kernel_times) or 0)
     assert cli.main(["bench", "low-latency", "--ranks", "2"]) == 0
-    assert got == {"name": "low-latency", "ranks": 2}
+    assert got == {"name": "low-latency", "ranks": 2, "kernel_times": False}
+    assert cli.main(["bench", "low-latency", "--kernel-times"]) == 0
+    assert got == {"name": "low-latency", "ranks": None, "kernel_times": True}
 
 
 def test_checks_remembered_per_key_still_refuse_what_differs(monkeypatch):
