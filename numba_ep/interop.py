@@ -331,7 +331,7 @@ def _cupy_view_of_cuda_tensor(t):
         mem = cupy.cuda.UnownedMemory(t.data_ptr(), n * item, t, device_id=t.get_device())
         return cupy.ndarray(shape, dtype=dt, memptr=cupy.cuda.MemoryPointer(mem, 0))
     strides = tuple(s * item for s in t.stride())
-    span = item + sum((n - 1) * s for n, s in zip(shape, strides))
+    span = item + sum((d - 1) * s for d, s in zip(shape, strides))
     mem = cupy.cuda.UnownedMemory(t.data_ptr(), span, t, device_id=t.get_device())
     return cupy.ndarray(shape, dtype=dt, memptr=cupy.cuda.MemoryPointer(mem, 0),
                         strides=strides)
