@@ -394,12 +394,10 @@ def _torch_host_rows(buf, group, stream, x_bf16, layout, topk, weights, cfg_d, c
     (the same device memory as the CuPy calls), with results made by torch and handed back as
     views (``interop.TORCH_OUTPUT_VIEWS``) and, for comparison, through DLPack. Empty without
     torch on CUDA."""
-    try:
-        import torch
+    from numba_ep.bench_ll import cuda_torch
 
-        if not torch.cuda.is_available():
-            return {}
-    except ImportError:
+    torch = cuda_torch()
+    if torch is None:
         return {}
     import cupy as cp
 

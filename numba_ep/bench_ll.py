@@ -83,15 +83,21 @@ def random_topk(rng, num_tokens, num_topk, num_experts, num_masked=0):
     return idx
 
 
+def cuda_torch():
+    """The torch module when torch is installed with CUDA, else None (the benches' torch rows
+    are left out then)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
 def _torch_buffer_step(b, stream, x, topk, weights, y, M, E):
     """A Buffer dispatch + combine with torch tensors over the same device memory, or None
     without torch on CUDA."""
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-    except ImportError:
+    torch = cuda_torch()
+    if torch is None:
         return None
     import cupy
 
@@ -288,15 +294,10 @@ def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_expert
             # kernel as in timed_run: launched one by one, a rank's kernels would wait for its
             # peer's slower host and count that wait (2xH100, run 7 of the ninth session:
             # 77 us "dispatch kernels" against 34 us by events). Medians; measured last.
-            try:
-                import torch
-                from torch.autograd import DeviceType
-                from torch.profiler import ProfilerActivity, profile
-
-                if not torch.cuda.is_available():
-                    return {}
-            except ImportError:
+            if cuda_torch() is None:
                 return {}
+            from torch.autograd import DeviceType
+            from torch.profiler import ProfilerActivity, profile
 
             stream.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:

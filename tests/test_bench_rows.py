@@ -57,3 +57,14 @@ def test_low_latency_rows_take_the_slowest_rank_and_show_kernel_times(monkeypatc
         else:
             assert label not in rows
             assert rows["kernel time (CUDA profiler)"] == "3 kernels for 40 steps"
+
+
+def test_torch_rows_need_torch_with_cuda(monkeypatch):
+    """The benches' torch rows run only where torch is installed with CUDA."""
+    torch = pytest.importorskip("torch")
+    from numba_ep.bench_ll import cuda_torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cuda_torch() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cuda_torch() is torch
