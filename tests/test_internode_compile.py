@@ -52,6 +52,37 @@ def test_peer_table_maps_my_node_only():
         I.node_peer_table([100, 0, 300, 400], 0, 2)
 
 
+def test_nic_fence_only_where_a_rank_of_another_node_is_unmapped():
+    # one host: every rank mapped, puts to "other nodes" are NVLink copies by the warp
+    assert I.nic_fence_needed([100, 200, 300, 400], 0, 2) is False
+    # rank 3 (another node of rank 0) unmapped: a NIC carries puts there
+    assert I.nic_fence_needed([100, 200, 300, 0], 0, 2) is True
+    # an unmapped rank of my own node is node_peer_table's error, not a NIC's
+    assert I.nic_fence_needed([100, 0, 300, 400], 0, 2) is False
+
+
+@pytest.mark.slow
+def test_per_record_fences_only_with_nic_fence(sm90):
+    """The dispatch and combine kernels fence each record (dispatch) or partial sum (combine)
+    before its put only when compiled with nic_fence; without it the PTX lacks exactly those
+    fences (one per kernel in the code), the once-per-call fences stay."""
+    from numba import cuda
+
+    from numba_ep.launch import parse_signature
+
+    for make_spec in (lambda nf: I.dispatch_spec(4, 2, 12, 64, 2 * 7168, 0, 8, nf),
+                      lambda nf: I.combine_spec(4, 2, 12, 7168, 8, nf)):
+        counts = []
+        for nf in (True, False):
+            factory, sig, kw = make_spec(nf)
+            kw = dict(kw)
+            kw.pop("launch_bounds")
+            text, _ = cuda.compile(factory(**kw), parse_signature(sig), device=False, cc=(9, 0),
+                                   output="ptx", abi="numba")
+            counts.append(text.count("fence.acq_rel.sys"))
+        assert counts[0] == counts[1] + 1, counts
+
+
 def fake_ctx(R=4, G=2, rank=0, nbytes=1 << 20, unmapped=()):
     """An InternodeContext without a device: only what its checks read."""
     ctx = I.InternodeContext.__new__(I.InternodeContext)

@@ -86,7 +86,10 @@ Transport: peers on my node must be NVLink-mapped (NVSHMEM's ``nvshmem_ptr``); p
 nodes are always reached by ``nvshmemx_uint8_put_nbi_warp`` + ``nvshmem_quiet`` +
 ``nvshmem_int_p``, even where one host could map them. So declaring a 4-GPU host as 2 nodes x 2
 GPUs (``NUMBA_EP_GPUS_PER_NODE=2``) runs the network code path on one machine; NVSHMEM then
-carries the puts over NVLink.
+carries the puts over NVLink, as copies by the calling warp. Only a put that a NIC may carry
+(some rank of another node unmapped: ``nic_fence_needed``) needs its source fenced at system
+scope first; the kernels are specialised on that (``nic_fence``), so one host runs them without
+the per-record fence.
 """
 from __future__ import annotations
 
@@ -498,7 +501,7 @@ DISPATCH_SIG = ("void(int32, uint64, uint64, int32, int32, int64, int32, int32, 
 
 
 def make_dispatch(num_ranks, num_gpus_per_node, num_channels, num_experts, row_bytes,
-                  num_scales, num_topk):
+                  num_scales, num_topk, nic_fence=True):
     """Arguments: rank, peer table, my symmetric base, meta half, Tm, byte offset of the recv
     region, T, received rows, x (bytes [T, Hb]),
     x_scales (float32 [T, S] with element strides s0, s1, or 0), s0, s1, topk_idx (int64 [T, K]
@@ -589,8 +592,9 @@ def make_dispatch(num_ranks, num_gpus_per_node, num_channels, num_experts, row_b
                     if w_addr != 0:
                         w = ptx.ptr_f32(w_addr)[int64(t) * K + lane]
                     ptx.ptr_f32(rec + uint64(OFF_W))[lane] = w
-                ptx.fence_acq_rel_sys()   # the NIC (or a peer's put) may read the record
-                cuda.syncwarp()
+                if nic_fence:   # a NIC may read the record: visible system-wide first
+                    ptx.fence_acq_rel_sys()
+                cuda.syncwarp()   # a put over NVLink: this warp's lanes read what others wrote
                 for n in range(N):
                     head = rdma_head[int64(t) * N + n]
                     if head >= 0:
@@ -675,7 +679,8 @@ COMBINE_SIG = ("void(int32, uint64, uint64, int32, int64, int64, int32, int32, u
                "uint64, int32, int64, uint64)")
 
 
-def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
+def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk,
+                 nic_fence=True):
     """Arguments: rank, peer table, my symmetric base, Tm, byte offsets of cred and cstage, T,
     received rows, x (bf16 [N, H]),
     topk_weights (float32 [N, K] or 0), the handle's rdma_channel_prefix_matrix,
@@ -790,7 +795,8 @@ def make_combine(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
                     ptx.ptr_f32(dst + uint64(2 * H))[lane] = _sum_weights(srcs, warp, G, 2 * H,
                                                                           lane)
                 if a != node:
-                    ptx.fence_acq_rel_sys()
+                    if nic_fence:   # a NIC may read the partial: visible system-wide first
+                        ptx.fence_acq_rel_sys()
                     cuda.syncwarp()
                     nvb.uint8_put_nbi_warp(
                         ptx.ptr_u8(base + uint64(cred_off + (int64(node) * max_tokens + k)
@@ -873,20 +879,22 @@ def sync_spec(num_ranks, num_gpus_per_node):
 
 @functools.lru_cache(maxsize=256)
 def dispatch_spec(num_ranks, num_gpus_per_node, num_channels, num_experts, row_bytes,
-                  num_scales, num_topk):
+                  num_scales, num_topk, nic_fence=True):
+    """``nic_fence``: some rank of another node is not NVLink-mapped (``nic_fence_needed``)."""
     return (make_dispatch, DISPATCH_SIG,
             dict(launch_bounds=(THREADS, 1), num_ranks=num_ranks,
                  num_gpus_per_node=num_gpus_per_node, num_channels=num_channels,
                  num_experts=num_experts, row_bytes=row_bytes, num_scales=num_scales,
-                 num_topk=num_topk))
+                 num_topk=num_topk, nic_fence=bool(nic_fence)))
 
 
 @functools.lru_cache(maxsize=256)
-def combine_spec(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk):
+def combine_spec(num_ranks, num_gpus_per_node, num_channels, hidden, num_topk, nic_fence=True):
+    """``nic_fence`` as in ``dispatch_spec``."""
     return (make_combine, COMBINE_SIG,
             dict(launch_bounds=(THREADS, 1), num_ranks=num_ranks,
                  num_gpus_per_node=num_gpus_per_node, num_channels=num_channels, hidden=hidden,
-                 num_topk=num_topk))
+                 num_topk=num_topk, nic_fence=bool(nic_fence)))
 
 
 def _get(spec):
@@ -917,6 +925,16 @@ def node_peer_table(peer_ptrs, rank, num_gpus_per_node):
     return table
 
 
+def nic_fence_needed(peer_ptrs, rank, num_gpus_per_node) -> bool:
+    """Whether this rank's puts to other nodes may be carried by a NIC: True when NVSHMEM maps
+    some rank of another node over no NVLink (``peer_ptrs`` entry 0). A NIC reads the source
+    of a put from memory, so the warp that wrote it fences at system scope first; a put to a
+    mapped rank is a copy by the warp itself (its loads follow the other lanes' stores after a
+    ``syncwarp``), and one fence per record per warp was a full NVLink round trip each."""
+    G = int(num_gpus_per_node)
+    return any(int(p) == 0 for r, p in enumerate(peer_ptrs) if r // G != rank // G)
+
+
 class InternodeContext:
     """What every internode launch needs: the symmetric buffer, the peer table (my node's
     NVLink-mapped addresses, 0 for every other node), the epoch counter, the error record, the
@@ -940,6 +958,8 @@ class InternodeContext:
                              f"1..{MAX_GPUS_PER_NODE}, with at most {MAX_GPUS_PER_NODE} nodes, "
                              f"got {G}")
         peers = node_peer_table(sym_buffer.peer_ptrs, rank, G)
+        #: whether puts to other nodes fence their source first (``nic_fence_needed``)
+        self.nic_fence = nic_fence_needed(sym_buffer.peer_ptrs, rank, G)
         self.buffer = sym_buffer
         self.base = int(sym_buffer.ptr)
         self.rank, self.num_ranks, self.num_gpus_per_node = int(rank), R, G
@@ -1040,7 +1060,7 @@ def dispatch(ctx, x_bytes, x_scales, topk_idx, topk_weights, is_token_in_rank, p
     ctx.need(total, "dispatch")
     s0, s1 = (0, 0) if x_scales is None else tuple(st // 4 for st in x_scales.strides)
     rdma_prefix, _, _, recv_rdma_sum, recv_gbl_prefix, _ = prefixes
-    k = _get(dispatch_spec(R, G, C, E, Hb, S, K))
+    k = _get(dispatch_spec(R, G, C, E, Hb, S, K, ctx.nic_fence))
     k.launch(2 * C, THREADS, ctx.rank, _addr(ctx.peers), ctx.base, ctx.half, max_tokens,
              recv_off, T, recv_x_bytes.shape[0], _addr(x_bytes), _addr(x_scales), s0, s1,
              _addr(topk_idx), _addr(topk_weights), _addr(is_token_in_rank), _addr(rdma_prefix),
@@ -1067,7 +1087,7 @@ def combine(ctx, x_bf16, topk_weights, handle, max_tokens, bias0, bias1, out, ou
     _get(sync_spec(R, G)).launch(1, 32 * ((R + 31) // 32), ctx.rank, _addr(ctx.peers), ctx.base,
                                  ctx.next_epoch(), ctx.timeout_ns, ctx.errors.device_address,
                                  stream=stream)
-    k = _get(combine_spec(R, G, C, H, K))
+    k = _get(combine_spec(R, G, C, H, K, ctx.nic_fence))
     k.launch(2 * C, THREADS, ctx.rank, _addr(ctx.peers), ctx.base, max_tokens, cred_off,
              cstage_off, T, num_recv, _addr(x_bf16), _addr(topk_weights),
              _addr(handle["rdma_channel_prefix_matrix"]),

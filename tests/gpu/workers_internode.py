@@ -32,13 +32,14 @@ def kernel_specs(layout):
 
     R, G = layout
     C = Buffer.get_dispatch_config(R).num_channels
+    nf = False   # one host: NVSHMEM maps every rank, so no put needs a NIC fence
     specs = [I.sync_spec(R, G), I.notify_spec(R, G, C, 0)]
     for case in (SMALL, BIG):
         E, H, K = _experts(case, R), case[1], case[3]
-        specs += [I.notify_spec(R, G, C, E), I.dispatch_spec(R, G, C, E, 2 * H, 0, K),
-                  I.combine_spec(R, G, C, H, K), I.combine_spec(R, G, C, H, 0)]
+        specs += [I.notify_spec(R, G, C, E), I.dispatch_spec(R, G, C, E, 2 * H, 0, K, nf),
+                  I.combine_spec(R, G, C, H, K, nf), I.combine_spec(R, G, C, H, 0, nf)]
     H = SMALL[1]
-    specs.append(I.dispatch_spec(R, G, C, 0, H, H // 128, 0))   # cached FP8 with scales
+    specs.append(I.dispatch_spec(R, G, C, 0, H, H // 128, 0, nf))   # cached FP8 with scales
     return specs
 
 
