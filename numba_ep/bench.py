@@ -633,6 +633,7 @@ _LL_ROWS = (
     ("dispatch", "dispatch (FP8), us"),
     ("combine", "combine (BF16), us"),
     ("dispatch+combine", "dispatch + combine, us"),
+    ("pair_dispatch+combine", "  same, events around the pair only (DeepEP's bench), us"),
     ("kernel_dispatch", "kernel time (CUDA profiler, DeepEP's method): dispatch, us"),
     ("kernel_combine", "  kernel time: combine, us"),
     ("kernel_dispatch+combine", "  kernel time: dispatch + combine, us"),

@@ -12,7 +12,9 @@ through the kernels themselves (each receive waits for the peers' sends), so the
 absorbs the skew between ranks and the median ignores it.
 
 Reported keys (microseconds): ``dispatch``, ``combine``, ``dispatch+combine`` (no hooks,
-FP8 dispatch and BF16 combine, or LogFMT with ``use_logfmt``), and with hooks the four phases
+FP8 dispatch and BF16 combine, or LogFMT with ``use_logfmt``; events also between the two
+calls), ``pair_dispatch+combine`` (the same pair with events around it only, as DeepEP's
+``bench`` times its dispatch + combine row), and with hooks the four phases
 ``dispatch_send``, ``dispatch_recv``, ``combine_send``, ``combine_recv``: the receive phases are
 launched after a 20 us gap (standing in for compute), so they time the unpack/reduce alone, as
 DeepEP's hook numbers do. Also ``dispatch_GBps`` and ``combine_GBps``: DeepEP's logical
@@ -157,10 +159,18 @@ def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_expert
             ll.low_latency_combine(ctx, y, topk, weights, src, lr, use_logfmt=use_logfmt,
                                    stream=stream)
 
-        def run(timed, hooks):
+        def run(timed, hooks, pair_only=False):
             gap = 20_000 if hooks else 0
             events = []
             for i in range(timed):
+                if pair_only:
+                    # DeepEP's bench: events around the pair, none between its two kernels
+                    ev = [cupy.cuda.Event(), cupy.cuda.Event()]
+                    ev[0].record(stream)
+                    dispatch_combine()
+                    ev[1].record(stream)
+                    events.append(ev)
+                    continue
                 ev = [cupy.cuda.Event() for _ in range(7)]
                 ev[0].record(stream)
                 _, _, _, src, lr, hk = ll.low_latency_dispatch(
@@ -183,13 +193,13 @@ def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_expert
                 events.append(ev)
             return events
 
-        def timed_run(hooks):
-            run(warmup, hooks)
+        def timed_run(hooks, pair_only=False):
+            run(warmup, hooks, pair_only)
             stream.synchronize()
             group.barrier()
             # hold the stream while the host queues everything (~0.3 ms of host time a step)
             delay.launch(1, 1, int(num_iters * 400_000), stream=stream)
-            events = run(num_iters, hooks)
+            events = run(num_iters, hooks, pair_only)
             stream.synchronize()
             ctx.check()
 
@@ -325,6 +335,7 @@ def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_expert
         out["dispatch"] = med(0, 1)
         out["combine"] = med(3, 4)
         out["dispatch+combine"] = med(0, 4)
+        out["pair_dispatch+combine"] = timed_run(False, pair_only=True)(0, 1)
         out["host_dispatch+combine"] = host_us()
         ctx.fuse = False    # the same calls with each phase its own launch (as hooks run)
         med = timed_run(False)
