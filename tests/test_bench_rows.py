@@ -51,7 +51,7 @@ def test_low_latency_rows_take_the_slowest_rank_and_show_kernel_times(monkeypatc
         assert rows["dispatch (FP8), us"] == 31.0 and rows["combine (BF16), us"] == 40.0
         assert rows["dispatch logical GB/s (FP8 messages)"] == 205.0
         assert "  DeepEP V1 2xH100 dispatch, us" in rows
-        assert rows["  same, events around the pair only (DeepEP's bench), us"] == 70.0
+        assert rows["  dispatch + combine, events around the pair only (as DeepEP's bench), us"] == 70.0
         label = "kernel time (CUDA profiler, DeepEP's method): dispatch, us"
         if kernels:
             assert rows[label] == 26.0 and rows["  kernel time: dispatch + combine, us"] == 61.0
