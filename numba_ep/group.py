@@ -648,6 +648,9 @@ def _child_main(target, rank, size, store, device, group_timeout, args, kwargs):
         os.environ[ENV_DEVICE] = str(device)
     else:
         os.environ.pop(ENV_DEVICE, None)  # chosen from local_rank by current_device()
+    # A crash in native code (a segfault, or glibc aborting on a bad free, also while the
+    # interpreter shuts down) then prints this rank's Python stack to its stderr.
+    faulthandler.enable(all_threads=True)
     stack_file = None
     if hasattr(faulthandler, "register") and hasattr(signal, "SIGUSR1"):
         stack_file = open(os.path.join(store, f"stack.{rank}"), "w")
@@ -758,6 +761,8 @@ def spawn(fn, nranks, *args, timeout=None, devices=None, group_timeout=None, gra
                 status, text = _read_result(store, r, p.exitcode)
                 if status == "ok":
                     results[r] = text
+                    if p.exitcode:
+                        _warn_exit_after_result(r, p.exitcode)
                     continue
                 if status == "secondary":
                     secondary[r] = text
@@ -800,6 +805,18 @@ def spawn(fn, nranks, *args, timeout=None, devices=None, group_timeout=None, gra
         all_failures.update(failures)
         raise SpawnError("\n".join(lines), failures=all_failures, results=results)
     return results
+
+
+def _warn_exit_after_result(rank, exitcode):
+    """A rank returned its result, then its process ended badly (a crash in some library's exit
+    code, say): the result stands, but the crash is not hidden."""
+    import warnings
+
+    how = (f"was killed by signal {_signal_name(exitcode)}" if exitcode < 0
+           else f"exited with code {exitcode}")
+    warnings.warn(f"numba_ep.spawn: rank {rank} returned its result, then its process {how} "
+                  "while shutting down (its stderr above may show where); the result is kept",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _read_result(store, rank, exitcode):

@@ -82,6 +82,14 @@ def _w_crash(group):
     return group.rank
 
 
+def _w_abort_at_exit(group):
+    # as glibc does on a bad free() in some library's exit code, after fn has returned
+    import atexit
+
+    atexit.register(os.abort)
+    return group.rank * 10
+
+
 def _w_torch(group, init_file):
     import torch.distributed as dist
 
@@ -143,6 +151,16 @@ def test_spawn_rank_raises():
 def test_spawn_rank_crashes():
     with pytest.raises(SpawnError, match=r"rank 1 exited with code 7"):
         spawn(_w_crash, 2, grace=2)
+
+
+def test_spawn_rank_crashes_after_its_result(capfd):
+    with pytest.warns(RuntimeWarning, match=r"rank \d returned its result, then its process was "
+                                            r"killed by signal SIGABRT") as rec:
+        res = spawn(_w_abort_at_exit, 2, grace=2)
+    assert res == [0, 10]
+    assert {str(w.message).split()[2] for w in rec} == {"0", "1"}
+    # faulthandler in the rank printed where the abort came from
+    assert "Fatal Python error: Aborted" in capfd.readouterr().err
 
 
 def test_barrier_timeout_names_missing_rank():
