@@ -46,6 +46,14 @@ def per_call_us(fn, stream, delay, loops, reps=7):
     return statistics.median(times)
 
 
+def drv(t, name, call):
+    """Time a raw driver call, once checked to succeed (a failing call is fast, not useful)."""
+    (err,) = call()
+    if int(err) != 0:
+        raise RuntimeError(f"{name}: {err!r}")
+    t(name, call)
+
+
 def breakdown(group, loops=200, T=128, H=7168, K=8, E=288):
     import cupy
     from cuda.bindings import driver
@@ -97,6 +105,27 @@ def breakdown(group, loops=200, T=128, H=7168, K=8, E=288):
                 ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
             fptr = int(f)
             t("ctypes cuLaunchKernel alone", lambda: cl(fptr, 1, 1, 1, 32, 1, 1, 0, h, pp, None))
+            # The fused low-latency kernels go out as cooperative launches (every block
+            # resident at once): what does that cost the host over a plain launch?
+            t("launch.py launch, cooperative", lambda: nop.launch(1, 32, *args, stream=stream,
+                                                                  cooperative=True))
+            drv(t, "cuda.bindings cuLaunchCooperativeKernel alone",
+                lambda: driver.cuLaunchCooperativeKernel(f, 1, 1, 1, 32, 1, 1, 0, h, pp))
+            cfg = driver.CUlaunchConfig()
+            cfg.gridDimX = cfg.gridDimY = cfg.gridDimZ = 1
+            cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = 32, 1, 1
+            cfg.sharedMemBytes = 0
+            cfg.hStream = driver.CUstream(h)
+            attr = driver.CUlaunchAttribute()
+            attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_COOPERATIVE
+            attr.value.cooperative = 1
+            cfg.attrs = [attr]
+            cfg.numAttrs = 1
+            drv(t, "cuda.bindings cuLaunchKernelEx, cooperative attribute",
+                lambda: driver.cuLaunchKernelEx(cfg, f, pp, 0))
+            cfg.numAttrs = 0
+            drv(t, "cuda.bindings cuLaunchKernelEx, no attribute",
+                lambda: driver.cuLaunchKernelEx(cfg, f, pp, 0))
             t("struct pack_into of the args", lambda: nop._struct.pack_into(nop._params, 0,
                                                                              *args))
             t("stream_handle(None)", lambda: stream_handle(None))
@@ -186,6 +215,19 @@ def breakdown(group, loops=200, T=128, H=7168, K=8, E=288):
                 t("step, Buffer, launches only packed", buffer_step, n_steps)
             finally:
                 launch_mod.CompiledKernel.launch = real
+            if group.size == 1:
+                # One rank on an otherwise idle GPU: every block of a grid that fits is resident
+                # even without the cooperative guarantee, so this runs correctly (not with peers,
+                # where nothing would guarantee it).
+                def plain(self, grid, block, *a, stream=None, shmem=0, cooperative=None):
+                    real(self, grid, block, *a, stream=stream, shmem=shmem, cooperative=False)
+
+                launch_mod.CompiledKernel.launch = plain
+                try:
+                    t("step, kernel layer, fused kernels launched non-cooperatively",
+                      kernel_step, n_steps)
+                finally:
+                    launch_mod.CompiledKernel.launch = real
             # the stream's half index moved with the pack-only steps on this rank alone: reset
             b.clean_low_latency_buffer(M, H, E)
             stream.synchronize()
