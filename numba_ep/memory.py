@@ -329,6 +329,17 @@ def nvshmem_environment(all_local: bool) -> dict:
     return done
 
 
+def shared_gpu_environment(gpus) -> dict:
+    """The NVSHMEM environment every rank needs when some ranks share a GPU; ``gpus[r]`` is rank
+    r's ``(host, GPU uuid)``.
+
+    NVSHMEM runs its host collectives over NCCL where it can, and NCCL refuses two ranks on one
+    GPU, so each PE decides for itself: at 3 ranks on 2 GPUs the two sharing one GPU go without
+    NCCL, the third with it, and NVSHMEM aborts its init on the mismatch. Sharing anywhere turns
+    NCCL off everywhere (the same answer on every rank, since all see the same list)."""
+    return {"NVSHMEM_DISABLE_NCCL": "1"} if len(set(gpus)) < len(gpus) else {}
+
+
 class NvshmemRuntime:
     """This process's NVSHMEM world (one per process). Get it from ``nvshmem_init``.
 
@@ -431,9 +442,13 @@ def nvshmem_init(group=None, device=None, heap_bytes=None) -> NvshmemRuntime:
 
         cdev = Device(dev)
         cdev.set_current()
+        status["gpu"] = (_host_key(), str(cdev.uuid))
     except Exception as e:
         status["error"] = _describe(e, "preparing NVSHMEM (CUDA device, nvshmem4py)")
-    _raise_gathered("nvshmem_init", group.allgather_object(status))
+    gathered = group.allgather_object(status)
+    _raise_gathered("nvshmem_init", gathered)
+    for k, v in shared_gpu_environment([g.get("gpu") for g in gathered]).items():
+        os.environ.setdefault(k, v)
 
     # The unique id: made by rank 0 (after the environment above, which chooses its socket).
     msg = None

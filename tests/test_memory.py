@@ -11,7 +11,7 @@ from numba_ep import memory
 from numba_ep.errors import NumbaEPError
 from numba_ep.group import spawn
 from numba_ep.memory import (IpcBuffer, SymmetricBuffer, ipc_layout, nvshmem_environment,
-                             nvshmem_finalize, nvshmem_init)
+                             nvshmem_finalize, nvshmem_init, shared_gpu_environment)
 
 
 def _unset(monkeypatch, *names):
@@ -116,6 +116,16 @@ def test_nvshmem_init_without_gpu_two_ranks():
     res = spawn(_w_nvshmem_no_gpu, 2, group_timeout=20, timeout=60)
     for msg in res:
         assert "nvshmem_init failed on rank(s) 0, 1" in msg, msg
+
+
+def test_shared_gpu_environment():
+    a0, a1, b0 = ("hostA", "GPU-0"), ("hostA", "GPU-1"), ("hostB", "GPU-0")
+    # one rank per GPU (the same uuid string on two hosts is two GPUs): NCCL stays as it is
+    assert shared_gpu_environment([a0, a1, b0]) == {}
+    assert shared_gpu_environment([a0]) == {}
+    # 3 ranks on 2 GPUs: NVSHMEM would mix PEs with and without NCCL and abort its init
+    assert shared_gpu_environment([a0, a1, a0]) == {"NVSHMEM_DISABLE_NCCL": "1"}
+    assert shared_gpu_environment([a0, a1, a0, a1]) == {"NVSHMEM_DISABLE_NCCL": "1"}
 
 
 def test_nvshmem_environment(monkeypatch):
