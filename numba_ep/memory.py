@@ -329,15 +329,26 @@ def nvshmem_environment(all_local: bool) -> dict:
     return done
 
 
-def shared_gpu_environment(gpus) -> dict:
-    """The NVSHMEM environment every rank needs when some ranks share a GPU; ``gpus[r]`` is rank
-    r's ``(host, GPU uuid)``.
+def check_gpu_sharing(gpus):
+    """Refuse, before NVSHMEM starts, a world where GPUs hold different numbers of ranks;
+    ``gpus[r]`` is rank r's ``(host, GPU uuid)``.
 
-    NVSHMEM runs its host collectives over NCCL where it can, and NCCL refuses two ranks on one
-    GPU, so each PE decides for itself: at 3 ranks on 2 GPUs the two sharing one GPU go without
-    NCCL, the third with it, and NVSHMEM aborts its init on the mismatch. Sharing anywhere turns
-    NCCL off everywhere (the same answer on every rank, since all see the same list)."""
-    return {"NVSHMEM_DISABLE_NCCL": "1"} if len(set(gpus)) < len(gpus) else {}
+    Several ranks on one GPU work when every GPU holds as many (6 ranks on 2 H100s, 8 on 4).
+    At 3 ranks on 2 GPUs NVSHMEM's init aborted (the PEs sharing a GPU run their host
+    collectives without NCCL, the lone one with it, and NVSHMEM refuses the mix) and, with NCCL
+    turned off on every rank, hung inside ``nvshmem.core.init`` on all three: a clear error here
+    beats both."""
+    per_gpu = {}
+    for rank, gpu in enumerate(gpus):
+        per_gpu.setdefault(gpu, []).append(rank)
+    if len({len(r) for r in per_gpu.values()}) > 1:
+        shares = "; ".join(
+            f"{'ranks' if len(r) > 1 else 'rank'} {', '.join(map(str, r))} on GPU {uuid} of "
+            f"{host.split('/')[0]}" for (host, uuid), r in per_gpu.items())
+        raise NumbaEPError(
+            f"nvshmem_init: NVSHMEM needs the same number of ranks on every GPU, got {shares}. "
+            "Run one rank per GPU (or as many on each GPU): with an uneven split NVSHMEM's init "
+            "fails or hangs")
 
 
 class NvshmemRuntime:
@@ -447,8 +458,7 @@ def nvshmem_init(group=None, device=None, heap_bytes=None) -> NvshmemRuntime:
         status["error"] = _describe(e, "preparing NVSHMEM (CUDA device, nvshmem4py)")
     gathered = group.allgather_object(status)
     _raise_gathered("nvshmem_init", gathered)
-    for k, v in shared_gpu_environment([g.get("gpu") for g in gathered]).items():
-        os.environ.setdefault(k, v)
+    check_gpu_sharing([g["gpu"] for g in gathered])   # the same list, so the same answer, on all
 
     # The unique id: made by rank 0 (after the environment above, which chooses its socket).
     msg = None

@@ -6,6 +6,8 @@ a timing. Usage, on a GPU machine:  python scripts/oversubscribe.py 8 [suite ...
 (suites: edge, bf16, fp8 of tests/gpu/workers_intranode.py; ll, the low-latency matrix; and
 internode:G, the internode GPU test's suite with the ranks split into nodes of G, e.g.
 ``python scripts/oversubscribe.py 8 internode:4 internode:2`` for 2 x 4 and 4 x 2).
+The NVSHMEM suites (ll, internode) need as many ranks on every GPU (6 on 2 GPUs, not 3):
+NVSHMEM cannot start on an uneven split, and ``nvshmem_init`` says so.
 """
 import os
 import sys

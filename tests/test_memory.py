@@ -11,7 +11,7 @@ from numba_ep import memory
 from numba_ep.errors import NumbaEPError
 from numba_ep.group import spawn
 from numba_ep.memory import (IpcBuffer, SymmetricBuffer, ipc_layout, nvshmem_environment,
-                             nvshmem_finalize, nvshmem_init, shared_gpu_environment)
+                             nvshmem_finalize, nvshmem_init, check_gpu_sharing)
 
 
 def _unset(monkeypatch, *names):
@@ -118,14 +118,16 @@ def test_nvshmem_init_without_gpu_two_ranks():
         assert "nvshmem_init failed on rank(s) 0, 1" in msg, msg
 
 
-def test_shared_gpu_environment():
-    a0, a1, b0 = ("hostA", "GPU-0"), ("hostA", "GPU-1"), ("hostB", "GPU-0")
-    # one rank per GPU (the same uuid string on two hosts is two GPUs): NCCL stays as it is
-    assert shared_gpu_environment([a0, a1, b0]) == {}
-    assert shared_gpu_environment([a0]) == {}
-    # 3 ranks on 2 GPUs: NVSHMEM would mix PEs with and without NCCL and abort its init
-    assert shared_gpu_environment([a0, a1, a0]) == {"NVSHMEM_DISABLE_NCCL": "1"}
-    assert shared_gpu_environment([a0, a1, a0, a1]) == {"NVSHMEM_DISABLE_NCCL": "1"}
+def test_check_gpu_sharing():
+    a0, a1, b0 = ("hostA/boot", "GPU-0"), ("hostA/boot", "GPU-1"), ("hostB/boot", "GPU-0")
+    # one rank per GPU (the same uuid string on two hosts is two GPUs), or as many on each
+    check_gpu_sharing([a0, a1, b0])
+    check_gpu_sharing([a0])
+    check_gpu_sharing([a0, a1, a0, a1, a1, a0])
+    # 3 ranks on 2 GPUs: NVSHMEM's init aborts or hangs, so refuse it first, naming the split
+    with pytest.raises(NumbaEPError, match=r"same number of ranks on every GPU, got ranks 0, 2 "
+                                           r"on GPU GPU-0 of hostA; rank 1 on GPU GPU-1 of hostA"):
+        check_gpu_sharing([a0, a1, a0])
 
 
 def test_nvshmem_environment(monkeypatch):
