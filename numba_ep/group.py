@@ -650,7 +650,10 @@ def _child_main(target, rank, size, store, device, group_timeout, args, kwargs):
         os.environ.pop(ENV_DEVICE, None)  # chosen from local_rank by current_device()
     # A crash in native code (a segfault, or glibc aborting on a bad free, also while the
     # interpreter shuts down) then prints this rank's Python stack to its stderr.
-    faulthandler.enable(all_threads=True)
+    try:
+        faulthandler.enable(all_threads=True)
+    except (RuntimeError, ValueError, OSError):   # a stderr without a file descriptor
+        pass
     stack_file = None
     if hasattr(faulthandler, "register") and hasattr(signal, "SIGUSR1"):
         stack_file = open(os.path.join(store, f"stack.{rank}"), "w")
