@@ -3,6 +3,7 @@
 The GPU behaviour (IPC exchange, NVSHMEM symmetric buffers) is tested in tests/gpu/test_memory_gpu.py.
 """
 import os
+import sys
 
 import pytest
 
@@ -42,6 +43,35 @@ def _w_ipc_no_gpu(group):
 
 
 def _w_nvshmem_no_gpu(group):
+    try:
+        nvshmem_init(group)
+    except NumbaEPError as e:
+        return str(e)
+    return "no error"
+
+
+def _w_nvshmem_split(group, num_gpus):
+    """nvshmem_init with rank r on GPU r % num_gpus, NVSHMEM and CUDA faked: what stops it."""
+    import types
+
+    def reached(*args, **kwargs):
+        raise RuntimeError("reached nvshmem.core.get_unique_id")
+
+    class FakeDevice:
+        def __init__(self, d):
+            self.uuid = f"GPU-{d}"
+
+        def set_current(self):
+            pass
+
+    nv = types.ModuleType("nvshmem.core")
+    nv.get_unique_id = nv.init = reached
+    pkg = types.ModuleType("nvshmem")
+    pkg.core = nv
+    cc = types.ModuleType("cuda.core")
+    cc.Device = FakeDevice
+    sys.modules.update({"nvshmem": pkg, "nvshmem.core": nv, "cuda.core": cc})
+    memory.current_device = lambda g: g.rank % num_gpus
     try:
         nvshmem_init(group)
     except NumbaEPError as e:
@@ -116,6 +146,16 @@ def test_nvshmem_init_without_gpu_two_ranks():
     res = spawn(_w_nvshmem_no_gpu, 2, group_timeout=20, timeout=60)
     for msg in res:
         assert "nvshmem_init failed on rank(s) 0, 1" in msg, msg
+
+
+def test_nvshmem_init_refuses_an_uneven_split():
+    # 3 ranks on 2 GPUs: every rank refuses before NVSHMEM starts (its init would abort or hang)
+    for msg in spawn(_w_nvshmem_split, 3, 2, group_timeout=20, timeout=60):
+        assert "same number of ranks on every GPU, got ranks 0, 2 on GPU GPU-0" in msg, msg
+    # 4 ranks on 2 GPUs, or one per GPU: the check lets NVSHMEM start (here, its fake)
+    for n, gpus in ((4, 2), (2, 2)):
+        for msg in spawn(_w_nvshmem_split, n, gpus, group_timeout=20, timeout=60):
+            assert "reached nvshmem.core.get_unique_id" in msg, msg
 
 
 def test_check_gpu_sharing():
