@@ -30,8 +30,10 @@ duration of the dispatch and the combine kernel as the CUDA profiler records it 
 events above also count the gap between one kernel's end and the next one's start, which a
 kernel's duration does not.
 
-Host cost: ``host_dispatch+combine`` is the host's wall time per dispatch + combine while it
-enqueues them behind the delay kernel (no events in that loop); ``graph_dispatch+combine`` is
+Host cost (each the median of five loops of 40 steps, ``host_us_per_call``):
+``host_dispatch+combine`` is the host's wall time per dispatch + combine through the kernel layer
+(arguments checked every call) while it enqueues them behind the delay kernel (no events in
+that loop); ``graph_dispatch+combine`` is
 the GPU time of one dispatch + combine captured in a CUDA graph and replayed back to back, and
 ``host_graph_replay`` the host's time per replay. ``host_buffer`` is the host time per
 dispatch + combine through ``numba_ep.Buffer`` (what a user's eager step costs), and
@@ -64,6 +66,34 @@ def make_delay():
             ptx.nanosleep(1000)
 
     return delay
+
+
+def host_us_per_call(fn, stream, delay, calls, reps=5, warmup=10, barrier=None,
+                     ns_per_call=400_000):
+    """The host's wall time per ``fn()`` in microseconds: the median over ``reps`` loops of
+    ``calls`` calls each of the loop's mean, after ``warmup`` calls.
+
+    Before each loop a delay kernel (``delay``, from ``make_delay``) holds ``stream`` for
+    ``ns_per_call`` a call, so no call waits for the GPU and what is timed is Python, the
+    allocations and the launches; each loop drains before the next (a queue of thousands of
+    launches would fill the driver's and block). ``barrier`` (a group's) lines the ranks up
+    before each loop when ``fn`` talks to peers. A median of loops, not one mean: a single loop
+    on a lent host moved by half between runs minutes apart, one preemption or collection
+    inside it being enough."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        stream.synchronize()
+        if barrier is not None:
+            barrier()
+        delay.launch(1, 1, int(calls * ns_per_call), stream=stream)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) / calls * 1e6)
+    stream.synchronize()
+    return float(np.median(times))
 
 
 def _bf16_bits(a):
@@ -208,19 +238,9 @@ def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_expert
                                         for e in events]))
             return med
 
-        def host_us(iters=100):
-            # The host's time per dispatch + combine, nothing else in the loop, while a delay
-            # kernel holds the stream (so no call waits for the GPU).
-            stream.synchronize()
-            group.barrier()
-            delay.launch(1, 1, iters * 400_000, stream=stream)
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                dispatch_combine()
-            t = (time.perf_counter() - t0) / iters * 1e6
-            stream.synchronize()
-            ctx.check()
-            return t
+        def host_us(step, calls=40):
+            return host_us_per_call(step, stream, delay, calls, warmup=warmup,
+                                    barrier=group.barrier)
 
         def graph_us(replays=50):
             # One dispatch + combine captured, replayed back to back behind a delay kernel.
@@ -247,7 +267,7 @@ def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_expert
                                    for a, b in zip(evs, evs[1:])]))
             return dev, host
 
-        def buffer_host_us(iters=100):
+        def buffer_host_us():
             # A user's eager step: the same calls through numba_ep.Buffer, with the argument
             # checks remembered per key (what a decoding loop gets) and, for comparison, with
             # that memo emptied before every call (the checks in full).
@@ -267,21 +287,8 @@ def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_expert
                             b._ll_checked.clear()
                         b.low_latency_combine(y, topk, weights, handle)
 
-                    def host_time(step):
-                        for _ in range(warmup):
-                            step()
-                        stream.synchronize()
-                        group.barrier()
-                        delay.launch(1, 1, iters * 400_000, stream=stream)
-                        t0 = time.perf_counter()
-                        for _ in range(iters):
-                            step()
-                        t = (time.perf_counter() - t0) / iters * 1e6
-                        stream.synchronize()
-                        return t
-
-                    res = {"host_buffer": host_time(lambda: step(False)),
-                           "host_buffer_full_checks": host_time(lambda: step(True))}
+                    res = {"host_buffer": host_us(lambda: step(False)),
+                           "host_buffer_full_checks": host_us(lambda: step(True))}
                 torch_step = _torch_buffer_step(b, stream, x, topk, weights, y, M, E)
                 if torch_step is not None:
                     import torch
@@ -289,7 +296,7 @@ def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_expert
                     # torch's current stream is the same stream (the delay holds it)
                     ts = torch.cuda.ExternalStream(stream.ptr, device=cupy.cuda.Device().id)
                     with torch.cuda.stream(ts):
-                        res["host_buffer_torch"] = host_time(torch_step)
+                        res["host_buffer_torch"] = host_us(torch_step)
                 return res
             finally:
                 stream.synchronize()
@@ -336,13 +343,15 @@ def bench_low_latency(group, num_tokens=128, hidden=7168, num_topk=8, num_expert
         out["combine"] = med(3, 4)
         out["dispatch+combine"] = med(0, 4)
         out["pair_dispatch+combine"] = timed_run(False, pair_only=True)(0, 1)
-        out["host_dispatch+combine"] = host_us()
+        out["host_dispatch+combine"] = host_us(dispatch_combine)
+        ctx.check()
         ctx.fuse = False    # the same calls with each phase its own launch (as hooks run)
         med = timed_run(False)
         out["split_dispatch"] = med(0, 1)
         out["split_combine"] = med(3, 4)
         out["split_dispatch+combine"] = med(0, 4)
-        out["split_host_dispatch+combine"] = host_us()
+        out["split_host_dispatch+combine"] = host_us(dispatch_combine)
+        ctx.check()
         ctx.fuse = True
         out["graph_dispatch+combine"], out["host_graph_replay"] = graph_us()
         out.update(buffer_host_us())

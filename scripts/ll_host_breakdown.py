@@ -13,8 +13,6 @@ for the GPU), and prints microseconds per call, the median of several loops:
 """
 import argparse
 import ctypes
-import statistics
-import time
 
 import numpy as np
 
@@ -31,21 +29,6 @@ def make_nop():
     return nop
 
 
-def per_call_us(fn, stream, delay, loops, reps=7):
-    """Median over ``reps`` of the host's mean time per ``fn()`` over ``loops`` calls, with the
-    stream held by a delay kernel so that no call waits for the GPU."""
-    times = []
-    for _ in range(reps):
-        stream.synchronize()
-        delay.launch(1, 1, loops * 500_000, stream=stream)
-        t0 = time.perf_counter()
-        for _ in range(loops):
-            fn()
-        times.append((time.perf_counter() - t0) / loops * 1e6)
-    stream.synchronize()
-    return statistics.median(times)
-
-
 def drv(t, name, call):
     """Time a raw driver call, once checked to succeed (a failing call is fast, not useful)."""
     (err,) = call()
@@ -59,7 +42,7 @@ def breakdown(group, loops=200, T=128, H=7168, K=8, E=288):
     from cuda.bindings import driver
 
     from numba_ep import launch as launch_mod
-    from numba_ep.bench_ll import DELAY_SIG, make_delay, random_topk
+    from numba_ep.bench_ll import DELAY_SIG, host_us_per_call, make_delay, random_topk
     from numba_ep.buffer import Buffer
     from numba_ep.kernels import low_latency as ll
     from numba_ep.launch import get_kernel, stream_handle
@@ -84,7 +67,7 @@ def breakdown(group, loops=200, T=128, H=7168, K=8, E=288):
             h = stream.ptr
 
             def t(name, fn, n=loops):
-                rows[name] = per_call_us(fn, stream, delay, n)
+                rows[name] = host_us_per_call(fn, stream, delay, n, reps=7, warmup=3)
 
             # -- primitives
             t("cupy.empty small [L] int32", lambda: cupy.empty((L,), cupy.int32))
