@@ -7,7 +7,11 @@
   (``--json PATH``). ``intranode`` and ``low-latency`` use every local GPU (``--ranks N``);
   ``low-latency`` prints dispatch, combine, both, and the send/recv phases of hook mode beside
   DeepEP V1's 2 x H100 numbers; ``--kernel-times`` adds each kernel's own duration from the CUDA
-  profiler (DeepEP's method of measuring).
+  profiler (DeepEP's method of measuring). With it a rank may print a glibc heap message
+  (``free(): invalid pointer``, ``double free or corruption``) as its process exits, after its
+  numbers are in. It comes only from processes that ran the profiler; the likely cause is
+  torch's, which frees CUPTI activity buffers at shutdown that CUPTI still holds (pytorch/pytorch
+  pull request 195207). ``numba_ep.spawn`` then warns that the rank died after returning.
 - ``selftest``: the GPU test-suite (``pytest -m "gpu or multigpu"``).
 """
 from __future__ import annotations

@@ -28,7 +28,9 @@ Without hooks each call is one launch (send and receive phases in one cooperativ
 duration of the dispatch and the combine kernel as the CUDA profiler records it (CUPTI through
 ``torch.profiler``; only where torch has CUDA), DeepEP's own method (its ``bench_kineto``): the
 events above also count the gap between one kernel's end and the next one's start, which a
-kernel's duration does not.
+kernel's duration does not. A process that ran the profiler may abort in glibc as it exits,
+after the numbers are returned (seen only with the profiler; likely torch freeing CUPTI's
+activity buffers at shutdown while CUPTI still holds them).
 
 Host cost (each the median of five loops of 40 steps, ``host_us_per_call``):
 ``host_dispatch+combine`` is the host's wall time per dispatch + combine through the kernel layer
