@@ -13,6 +13,8 @@ for the GPU), and prints microseconds per call, the median of several loops:
 """
 import argparse
 import ctypes
+import gc
+import time
 
 import numpy as np
 
@@ -68,6 +70,12 @@ def breakdown(group, loops=200, T=128, H=7168, K=8, E=288):
 
             def t(name, fn, n=loops):
                 rows[name] = host_us_per_call(fn, stream, delay, n, reps=7, warmup=3)
+
+            def t2(name, fn, n):
+                # the whole steps twice: wall time, and the CPU time this thread got
+                t(name, fn, n)
+                rows[f"  {name}, thread CPU time"] = host_us_per_call(
+                    fn, stream, delay, n, reps=7, warmup=3, clock=time.thread_time)
 
             # -- primitives
             t("cupy.empty small [L] int32", lambda: cupy.empty((L,), cupy.int32))
@@ -173,8 +181,8 @@ def breakdown(group, loops=200, T=128, H=7168, K=8, E=288):
                 b.low_latency_combine(y, topk, w, handle)
 
             n_steps = max(20, loops // 4)
-            t("step, kernel layer (checked=True)", kernel_step, n_steps)
-            t("step, Buffer", buffer_step, n_steps)
+            t2("step, kernel layer (checked=True)", kernel_step, n_steps)
+            t2("step, Buffer", buffer_step, n_steps)
             if torch is not None:
                 topk_t = torch.as_tensor(topk, device=dev)
                 w_t = torch.as_tensor(w, device=dev)
@@ -186,7 +194,7 @@ def breakdown(group, loops=200, T=128, H=7168, K=8, E=288):
                     b.low_latency_combine(y_t, topk_t, w_t, handle)
 
                 with torch.cuda.stream(ts):
-                    t("step, Buffer, torch tensors", torch_step, n_steps)
+                    t2("step, Buffer, torch tensors", torch_step, n_steps)
             real = launch_mod.CompiledKernel.launch
 
             def pack_only(self, grid, block, *a, stream=None, shmem=0, cooperative=None):
@@ -198,6 +206,14 @@ def breakdown(group, loops=200, T=128, H=7168, K=8, E=288):
                 t("step, Buffer, launches only packed", buffer_step, n_steps)
             finally:
                 launch_mod.CompiledKernel.launch = real
+            # the same steps once more, last: a row that moved is the host, not the code
+            t2("step, kernel layer (checked=True), again", kernel_step, n_steps)
+            t2("step, Buffer, again", buffer_step, n_steps)
+            gc.disable()
+            try:
+                t("step, Buffer, Python's collector off", buffer_step, n_steps)
+            finally:
+                gc.enable()
             if group.size == 1:
                 # One rank on an otherwise idle GPU: every block of a grid that fits is resident
                 # even without the cooperative guarantee, so this runs correctly (not with peers,
