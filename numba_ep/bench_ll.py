@@ -79,10 +79,11 @@ def host_us_per_call(fn, stream, delay, calls, reps=5, warmup=10, barrier=None,
     ``ns_per_call`` a call, so no call waits for the GPU and what is timed is Python, the
     allocations and the launches; each loop drains before the next (a queue of thousands of
     launches would fill the driver's and block). ``barrier`` (a group's) lines the ranks up
-    before each loop when ``fn`` talks to peers. A median of loops, not one mean: a single loop
-    on a lent host moved by half between runs minutes apart, one preemption or collection
-    inside it being enough. ``clock``: ``time.thread_time`` counts only the CPU time this thread
-    got, so a host that takes its core away (another tenant, a hypervisor) does not count."""
+    before each loop when ``fn`` talks to peers. A median of loops, not one mean, so that one
+    slow stretch of the host inside one loop does not move the result; on lent hosts stretches
+    longer than a whole row still do (notes/perf.md, twelfth session). ``clock``:
+    ``time.thread_time`` counts only the CPU time this thread got (there it moved with the wall
+    time: the thread kept its core, which ran slower)."""
     for _ in range(warmup):
         fn()
     times = []
