@@ -315,12 +315,19 @@ _RUNTIME = None  # the NvshmemRuntime of this process while NVSHMEM is initializ
 def nvshmem_environment(all_local: bool) -> dict:
     """Set (only where unset) the NVSHMEM environment numba_ep needs; return what it set.
 
-    ``NVSHMEM_DISABLE_NVLS=1`` always (multicast must stay off on the shared machines), and
-    ``NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo`` when every rank runs on this host.
+    ``NVSHMEM_DISABLE_NVLS=1`` always (multicast must stay off on the shared machines). When
+    every rank runs on this host: ``NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo``, and
+    ``NVSHMEM_DISABLE_LOCAL_ONLY_PROXY=1``. NVSHMEM's proxy thread otherwise spins a whole core
+    per rank for the life of the process (a thread at 100 % CPU beside Python's, seen on 1×H100),
+    and on one host it has nothing to carry: every peer is NVLink-mapped, and what it would still
+    serve (device-side global exit, NVSHMEM's own device-side wait timeouts) numba_ep does not
+    use; its kernels bound their waits with ``%globaltimer`` themselves. Set it to 0 to keep the
+    thread.
     """
     wanted = {"NVSHMEM_DISABLE_NVLS": "1"}
     if all_local:
         wanted["NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME"] = "lo"
+        wanted["NVSHMEM_DISABLE_LOCAL_ONLY_PROXY"] = "1"
     done = {}
     for k, v in wanted.items():
         if k not in os.environ:

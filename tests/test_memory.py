@@ -171,12 +171,18 @@ def test_check_gpu_sharing():
 
 
 def test_nvshmem_environment(monkeypatch):
-    _unset(monkeypatch, "NVSHMEM_DISABLE_NVLS", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME")
+    _unset(monkeypatch, "NVSHMEM_DISABLE_NVLS", "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME",
+           "NVSHMEM_DISABLE_LOCAL_ONLY_PROXY")
     assert nvshmem_environment(all_local=False) == {"NVSHMEM_DISABLE_NVLS": "1"}
     assert "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME" not in os.environ
+    assert "NVSHMEM_DISABLE_LOCAL_ONLY_PROXY" not in os.environ   # other hosts: NICs need it
     monkeypatch.setenv("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", "eth0")
     monkeypatch.setenv("NVSHMEM_DISABLE_NVLS", "1")
+    monkeypatch.setenv("NVSHMEM_DISABLE_LOCAL_ONLY_PROXY", "0")
     assert nvshmem_environment(all_local=True) == {}
     assert os.environ["NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME"] == "eth0"  # user's choice is kept
+    assert os.environ["NVSHMEM_DISABLE_LOCAL_ONLY_PROXY"] == "0"
     monkeypatch.delenv("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME")
-    assert nvshmem_environment(all_local=True) == {"NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo"}
+    monkeypatch.delenv("NVSHMEM_DISABLE_LOCAL_ONLY_PROXY")
+    assert nvshmem_environment(all_local=True) == {"NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo",
+                                                   "NVSHMEM_DISABLE_LOCAL_ONLY_PROXY": "1"}
