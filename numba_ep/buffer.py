@@ -207,6 +207,10 @@ class _InternodeHandle(tuple):
                 f"shapes={[tuple(a.shape) for a in self]})")
 
 
+#: argument types whose value, with the type, decides what a check says (_ll_checked_plan)
+_PLAIN_SCALARS = frozenset((int, bool, type(None)))
+
+
 class _LowLatencyHandle(tuple):
     """DeepEP's low-latency handle, a 5-tuple::
 
@@ -931,13 +935,9 @@ class Buffer:
             raise RuntimeError(f"{what}: this Buffer is unusable after an earlier failure "
                                f"({self._broken}); destroy it and create a new one on every rank")
         if check_errors and not self._host:
-            from numba_ep.kernels.waits import error_record
-
             try:
-                error_record().check()
-                ll_ctx = self._ll_ctxs.get(self._ll_active)
-                if ll_ctx is not None:
-                    ll_ctx.check()  # the low-latency receive phases record their timeouts there
+                # every kernel records its timeouts here, the low-latency contexts' too
+                _error_record().check()
             except CommTimeoutError as e:
                 self._broken = f"CommTimeoutError: {e}"
                 raise
@@ -2025,20 +2025,20 @@ class Buffer:
         only when this Buffer made it (its arrays are then this Buffer's own, in a tuple that
         cannot change). Anything else is checked in full every time. What depends on the
         Buffer's state (the call sequence) is the caller's to check, every call."""
-        key = [kind]
-        for a in args:
-            t = type(a)
-            if a is None or t is bool or t is int:
-                k = (t, a)
+        types = tuple(map(type, args))
+        key = [kind, types]
+        for a, t in zip(args, types):
+            if t in _PLAIN_SCALARS:
+                key.append(a)   # (with its type in ``types``)
             elif t is _LowLatencyHandle:
                 if a.buffer_id != self._id:
                     return validate(*args)
-                k = (a.buffer_id, a[2], a[3], a[4])
+                key.append((a.buffer_id, a[2], a[3], a[4]))
             else:
                 k = array_key(a)
                 if k is None:
                     return validate(*args)
-            key.append(k)
+                key.append(k)
         key = tuple(key)
         plan = self._ll_checked.get(key)
         if plan is None:
@@ -2311,6 +2311,21 @@ def _refuse_capture(call, what):
             f"ranks on one node for graph capture")
 
 
+_error_record_fn = None
+
+
+def _error_record():
+    """The process's kernel error record (``numba_ep.kernels.waits.error_record()``). Imported
+    on first use: a ``from ... import`` runs importlib's Python code on every execution (~1 us),
+    and every low-latency call checks the record."""
+    global _error_record_fn
+    if _error_record_fn is None:
+        from numba_ep.kernels.waits import error_record
+
+        _error_record_fn = error_record
+    return _error_record_fn()
+
+
 def _xp(buf):
     if buf._host:
         return np
@@ -2331,6 +2346,7 @@ class _DeviceGuard:
     step, and a generator-based context manager plus ``cupy.cuda.Device`` cost ~1.7 us there."""
 
     __slots__ = ("_buf", "_prev")
+    _runtime = None   # cupy.cuda.runtime, imported on first use (see _error_record)
 
     def __init__(self, buf):
         self._buf = buf
@@ -2339,8 +2355,11 @@ class _DeviceGuard:
     def __enter__(self):
         buf = self._buf
         if not buf._host:
-            from cupy.cuda import runtime
+            runtime = _DeviceGuard._runtime
+            if runtime is None:
+                from cupy.cuda import runtime
 
+                _DeviceGuard._runtime = runtime
             cur = runtime.getDevice()
             if cur != buf.device:
                 runtime.setDevice(buf.device)
@@ -2349,9 +2368,7 @@ class _DeviceGuard:
 
     def __exit__(self, exc_type, exc, tb):
         if self._prev is not None:
-            from cupy.cuda import runtime
-
-            runtime.setDevice(self._prev)
+            _DeviceGuard._runtime.setDevice(self._prev)
         if exc_type is not None and issubclass(exc_type, CommTimeoutError):
             self._buf._broken = f"CommTimeoutError: {exc}"
         return False

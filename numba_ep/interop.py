@@ -111,18 +111,30 @@ def current_stream_handle(torch_side: bool, device=None) -> int:
 
     ``device`` (torch side only): whose current stream; None = torch's current device.
     """
-    if torch_side:
-        import torch
+    get = _stream_getters.get(torch_side)
+    if get is None:
+        get = _stream_getters[torch_side] = _stream_getter(torch_side)
+    return get(device)
 
-        # torch's own raw getter (what its C++ side and Triton use) costs a tenth of
-        # torch.cuda.current_stream(), which builds a Stream object; hot paths call this.
-        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-        if raw is not None:
-            return int(raw(torch.cuda.current_device() if device is None else int(device)))
-        return int(torch.cuda.current_stream(device).cuda_stream)
-    import cupy
 
-    return int(cupy.cuda.get_current_stream().ptr)
+_stream_getters = {}   # torch_side -> getter(device) -> handle; hot paths call them every call
+
+
+def _stream_getter(torch_side):
+    if not torch_side:
+        import cupy
+
+        current = cupy.cuda.get_current_stream
+        return lambda device: int(current().ptr)
+    import torch
+
+    # torch's own raw getter (what its C++ side and Triton use) costs a tenth of
+    # torch.cuda.current_stream(), which builds a Stream object.
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is None:
+        return lambda device: int(torch.cuda.current_stream(device).cuda_stream)
+    current_device = torch.cuda.current_device
+    return lambda device: int(raw(current_device() if device is None else int(device)))
 
 
 class EventOverlap:

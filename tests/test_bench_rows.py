@@ -104,3 +104,20 @@ def test_host_time_is_the_median_of_loops_each_behind_a_delay():
     assert got == pytest.approx(3.0)
     loop = ["sync", "barrier", ("delay", 4000)] + ["call"] * 4
     assert log == ["call"] * 2 + loop * 5 + ["sync"]
+
+
+def test_host_overhead_script_times_the_buffers_gpu_branch():
+    """scripts/ll_host_overhead.py (the eager path's Python, measured without a GPU) runs its
+    fakes through the Buffer's GPU branch: it fails if a change makes them stale."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ll_host_overhead.py"
+    out = subprocess.run([sys.executable, str(script), "--steps", "20"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = {line.rsplit(None, 1)[0].strip(): float(line.rsplit(None, 1)[1])
+            for line in out.stdout.splitlines()[1:] if line.strip()}
+    assert set(rows) == {"kernel layer (checked=True)", "Buffer", "Buffer over the kernel layer"}
+    assert 0 < rows["kernel layer (checked=True)"] < rows["Buffer"]

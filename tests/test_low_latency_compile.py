@@ -541,13 +541,13 @@ class _RecordingKernel:
 def _launch_log(monkeypatch, fuse, hook, call, T=4, **ctx_kw):
     """The launches one dispatch or combine makes, with kernels and device state faked."""
     ctx = fake_ctx(fuse=fuse, num_sms=132, **ctx_kw)
-    ctx._ready, ctx.bufs = True, 1 << 12
-    ctx.errors = SimpleNamespace(device_address=1 << 13, check=lambda: None)
-    ctx.workspace, ctx._log2 = FakeArray((289,), np.int32, ptr=1 << 14), FakeArray(
-        (128,), np.float64, ptr=1 << 15)
+    ctx._set_device_state(SimpleNamespace(device_address=1 << 13, check=lambda: None),
+                          FakeArray((2,), np.uint64, ptr=1 << 12),
+                          FakeArray((289,), np.int32, ptr=1 << 14),
+                          FakeArray((128,), np.float64, ptr=1 << 15))
     log = []
-    ks = SimpleNamespace(send=_RecordingKernel("send", log), recv=_RecordingKernel("recv", log),
-                         fused=_RecordingKernel("fused", log))
+    ks = ll._Kernels(None)   # its kernels set here; fused_max_grid still asks ks.fused
+    ks.send, ks.recv, ks.fused = (_RecordingKernel(n, log) for n in ("send", "recv", "fused"))
     monkeypatch.setattr(ll, "_kernels_for", lambda *a: ks)
     empty = lambda shape, dtype: FakeArray(shape, dtype, ptr=1 << 16)  # noqa: E731
     if call == "dispatch":

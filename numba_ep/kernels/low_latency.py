@@ -1341,7 +1341,11 @@ class LowLatencyContext:
         self.num_max_dispatch_tokens_per_rank = M
         self.hidden = H
         self.num_local_experts = E // R
-        self.layout = reference.low_latency_layout(M, H, R, E)
+        self.layout = lay = reference.low_latency_layout(M, H, R, E)
+        #: byte offsets (send, recv, signal, other half's signal) of half 0 and half 1
+        self._halves = tuple((lay["send_offsets"][h], lay["recv_offsets"][h],
+                              lay["signal_offsets"][h], lay["signal_offsets"][1 - h])
+                             for h in (0, 1))
         self.base = int(sym_buffer.ptr)
         self.peer_ptrs = peers
         #: some peer is not NVLink-mapped: the send kernels are the NVSHMEM specialisation
@@ -1369,17 +1373,27 @@ class LowLatencyContext:
 
         from numba_ep.kernels.waits import error_record
 
-        self.errors = error_record()
-        self._peer_table = None
+        peer_table = None
         if self.transport == "auto":  # the buffer's own table holds the NVLink addresses
-            self._peer_table = getattr(self.buffer, "peer_ptrs_dev", None)
-        if self._peer_table is None:
-            self._peer_table = cupy.asarray(np.asarray(self.peer_ptrs, dtype=np.uint64))
-        self.bufs = int(self._peer_table.data.ptr)
-        self.workspace = cupy.zeros(1 + self.num_experts, dtype=cupy.int32)
-        self._log2 = cupy.asarray(log2_table())
+            peer_table = getattr(self.buffer, "peer_ptrs_dev", None)
+        if peer_table is None:
+            peer_table = cupy.asarray(np.asarray(self.peer_ptrs, dtype=np.uint64))
         if self._num_sms is None:
             self._num_sms = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+        self._set_device_state(error_record(), peer_table,
+                               cupy.zeros(1 + self.num_experts, dtype=cupy.int32),
+                               cupy.asarray(log2_table()))
+
+    def _set_device_state(self, errors, peer_table, workspace, log2):
+        """Keep the device objects every launch passes, and their addresses: the launches read
+        these attributes, not the objects (an eager call's host time is what decoding waits
+        for). Tests hand in fakes here."""
+        self.errors, self._peer_table, self.workspace, self._log2 = (errors, peer_table,
+                                                                      workspace, log2)
+        self.bufs = _addr(peer_table)
+        self.errors_addr = int(errors.device_address)
+        self.workspace_addr = _addr(workspace)
+        self.log2_addr = _addr(log2)
         self._ready = True
 
     @property
@@ -1390,9 +1404,7 @@ class LowLatencyContext:
 
     def offsets(self, h):
         """Byte offsets (send, recv, signal, other half's signal) of half ``h``."""
-        lay = self.layout
-        return (lay["send_offsets"][h], lay["recv_offsets"][h], lay["signal_offsets"][h],
-                lay["signal_offsets"][1 - h])
+        return self._halves[h]
 
     def check(self):
         """Raise CommTimeoutError if a kernel recorded a timeout (a host read, no sync)."""
@@ -1457,6 +1469,12 @@ class _Kernels:
         spec = fused_kernel(self._specs)
         return None if spec is None else _get(spec)
 
+    @functools.cached_property
+    def fused_max_grid(self):
+        """The largest grid of ``fused`` whose blocks are all resident at once (a cooperative
+        launch needs that). A context, and so its kernels, stays on one device."""
+        return self.fused.max_resident_blocks(THREADS)
+
 
 def _kernels_for(ctx, kind, *options):
     """The ``_Kernels`` of a ``kind`` ("dispatch" / "combine") call with these options,
@@ -1478,7 +1496,7 @@ def _launch_call(ctx, ks, send_grid, send_args, recv_grid, recv_args, return_rec
     if not return_recv_hook and ctx.fuse:
         fused = ks.fused
         if fused is not None:
-            grid = min(max(send_grid, recv_grid), fused.max_resident_blocks(THREADS))
+            grid = min(max(send_grid, recv_grid), ks.fused_max_grid)
             fused.launch(grid, THREADS, *send_args, *recv_args, stream=stream, cooperative=True)
             return None
     ks.send.launch(send_grid, THREADS, *send_args, stream=stream)
@@ -1659,7 +1677,8 @@ def low_latency_dispatch(ctx, x, topk_idx, use_fp8=True, round_scale=False, use_
             receive phase (call it before the next low-latency call).
         stream: CuPy/torch/cuda.core stream or handle (default: CuPy's current stream).
         checked: the caller (``Buffer``) has checked every argument already (CuPy arrays or
-            CUDA torch tensors); only the addresses' alignment is checked here.
+            CUDA torch tensors), and the error record; only the addresses' alignment is
+            checked here.
         empty: ``empty(shape, dtype)`` allocates each output on the caller's stream, dtype in
             the CuPy convention below (the Buffer hands torch callers torch tensors this way);
             default ``cupy.empty`` on CuPy's current stream.
@@ -1701,7 +1720,8 @@ def low_latency_dispatch(ctx, x, topk_idx, use_fp8=True, round_scale=False, use_
     use_fp8, round_scale, use_ue8m0 = bool(use_fp8), bool(round_scale), bool(use_ue8m0)
 
     ctx._prepare()
-    ctx.check()
+    if not checked:   # (the Buffer checked the error record already)
+        ctx.check()
     RM = R * M
     S = H // 128
     empty = _cupy_empty if empty is None else empty
@@ -1716,16 +1736,16 @@ def low_latency_dispatch(ctx, x, topk_idx, use_fp8=True, round_scale=False, use_
 
     h = ctx.buffer_idx
     ctx.buffer_idx ^= 1
-    send_off, recv_off, sig_off, other_sig_off = ctx.offsets(h)
+    send_off, recv_off, sig_off, other_sig_off = ctx._halves[h]
     hook = _launch_call(
         ctx, _kernels_for(ctx, "dispatch", K, use_fp8, round_scale, use_ue8m0),
-        max(1, min(T, ctx.num_sms)),
+        max(1, min(T, ctx._num_sms)),
         (_addr(x), _addr(topk_idx), T, ctx.rank, ctx.bufs, ctx.base, send_off, recv_off, sig_off,
-         other_sig_off, _addr(ctx.workspace)),
+         other_sig_off, ctx.workspace_addr),
         L,
         (ctx.rank, ctx.base, recv_off, sig_off, _addr(recv_x), _addr(scales), _addr(src_info),
          _addr(layout_range), _addr(recv_count), _addr(stats), _addr(wait_recv_cost_stats),
-         ctx.timeout_ns, ctx.errors.device_address),
+         ctx.timeout_ns, ctx.errors_addr),
         return_recv_hook, stream, "low_latency_dispatch")
     scales_view = None if scales is None else scales.swapaxes(1, 2)
     return recv_x, scales_view, recv_count, src_info, layout_range, hook
@@ -1809,21 +1829,22 @@ def low_latency_combine(ctx, x, topk_idx, topk_weights, src_info, layout_range, 
         _check_hook_flag(return_recv_hook)
 
     ctx._prepare()
-    ctx.check()
+    if not checked:   # (the Buffer checked the error record already)
+        ctx.check()
     if out is None:
         out = (_cupy_empty if empty is None else empty)((T, H), np.uint16)
     h = ctx.buffer_idx
     ctx.buffer_idx ^= 1
-    send_off, recv_off, sig_off, other_sig_off = ctx.offsets(h)
+    send_off, recv_off, sig_off, other_sig_off = ctx._halves[h]
     hook = _launch_call(
         ctx, _kernels_for(ctx, "combine", K, use_logfmt, zero_copy),
-        ctx.num_sms,
+        ctx._num_sms,
         (0 if zero_copy else _addr(x), _addr(src_info), _addr(layout_range), ctx.rank, ctx.bufs,
-         ctx.base, send_off, recv_off, sig_off, other_sig_off, _addr(ctx.workspace),
-         _addr(ctx._log2)),
-        max(1, min(T, ctx.num_sms)),
+         ctx.base, send_off, recv_off, sig_off, other_sig_off, ctx.workspace_addr,
+         ctx.log2_addr),
+        max(1, min(T, ctx._num_sms)),
         (_addr(topk_idx), _addr(topk_weights), _addr(out), T, ctx.rank, ctx.base, recv_off,
-         sig_off, _addr(ctx._log2), _addr(wait_recv_cost_stats), ctx.timeout_ns,
-         ctx.errors.device_address),
+         sig_off, ctx.log2_addr, _addr(wait_recv_cost_stats), ctx.timeout_ns,
+         ctx.errors_addr),
         return_recv_hook, stream, "low_latency_combine")
     return out, hook
