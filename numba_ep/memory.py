@@ -319,10 +319,11 @@ def nvshmem_environment(all_local: bool) -> dict:
     every rank runs on this host: ``NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME=lo``, and
     ``NVSHMEM_DISABLE_LOCAL_ONLY_PROXY=1``. NVSHMEM's proxy thread otherwise spins a whole core
     per rank for the life of the process (a thread at 100 % CPU beside Python's, seen on 1×H100),
-    and on one host it has nothing to carry: every peer is NVLink-mapped, and what it would still
-    serve (device-side global exit, NVSHMEM's own device-side wait timeouts) numba_ep does not
-    use; its kernels bound their waits with ``%globaltimer`` themselves. Set it to 0 to keep the
-    thread.
+    and on one host it has nothing to carry: NVSHMEM honours the variable only where no network
+    transport is in use (peers reached over NVLink or PCIe peer access), and what the thread
+    would still serve (device-side global exit, NVSHMEM's own device-side wait timeouts) numba_ep
+    does not use; its kernels bound their waits with ``%globaltimer`` themselves. Set it to 0 to
+    keep the thread.
     """
     wanted = {"NVSHMEM_DISABLE_NVLS": "1"}
     if all_local:
