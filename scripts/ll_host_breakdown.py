@@ -245,7 +245,9 @@ def main():
 
     out = spawn(breakdown, a.ranks, loops=a.loops, timeout=300)
     width = max(len(k) for k in out[0])
-    print(f"host us per call, rank 0 of {a.ranks}")
+    # which numba_ep ran: an A/B of two trees on one machine relies on PYTHONPATH (spawned
+    # ranks inherit this process's sys.path)
+    print(f"host us per call, rank 0 of {a.ranks} ({numba_ep.__file__})")
     for k, v in out[0].items():
         print(f"  {k:<{width}}  {v:8.2f}")
 
