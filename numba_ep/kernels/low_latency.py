@@ -1402,10 +1402,6 @@ class LowLatencyContext:
             self._prepare()
         return self._num_sms
 
-    def offsets(self, h):
-        """Byte offsets (send, recv, signal, other half's signal) of half ``h``."""
-        return self._halves[h]
-
     def check(self):
         """Raise CommTimeoutError if a kernel recorded a timeout (a host read, no sync)."""
         if self.errors is not None:
